@@ -1,0 +1,226 @@
+"""Pretrained CNN feature extractors, offline: EfficientNet-Lite0/1/2, ResNet18, Wide-ResNet50-2.
+
+>>> extractor = create_backbone("efficientnet_lite0", PAPER_LAYERS["efficientnet_lite0"])
+>>> features = extractor(images)            # images: float RGB in [0, 1], shape [B, 3, H, W]
+>>> features["blocks.2"].shape              # [B, 40, H/8, W/8]
+
+The extractor normalises its input itself (EfficientNet-Lite: mean = std = 0.5; ResNets: ImageNet
+mean/std), repeats a 1-channel image to 3 channels, computes only as far as the deepest requested
+layer, and is frozen (eval mode, no gradients to its parameters) unless ``trainable=True``.
+
+Weights are resolved by :func:`resolve_weights` (see :mod:`.weights`): an explicit path, the torch
+hub cache, an installed package that bundles them, a download when allowed, else
+:class:`~defectscope.errors.WeightsNotFoundError`. Random weights only with ``pretrained=False``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import WeightsNotFoundError
+from .registry import (
+    BACKBONES,
+    DEFAULT_BACKBONE,
+    PAPER_LAYERS,
+    BackboneSpec,
+    LayerInfo,
+    UnknownBackboneError,
+    get_spec,
+)
+from .weights import (
+    DOWNLOADS,
+    ENV_ALLOW_DOWNLOAD,
+    WeightsFileError,
+    WeightsSource,
+    find_weights,
+    hub_checkpoint_dir,
+    load_weights_into,
+    resolve_weights,
+    resolve_weights_source,
+)
+
+__all__ = [
+    "BACKBONES",
+    "DEFAULT_BACKBONE",
+    "DOWNLOADS",
+    "ENV_ALLOW_DOWNLOAD",
+    "PAPER_LAYERS",
+    "BackboneSpec",
+    "Classifier",
+    "FeatureExtractor",
+    "LayerInfo",
+    "UnknownBackboneError",
+    "WeightsFileError",
+    "WeightsNotFoundError",
+    "WeightsSource",
+    "create_backbone",
+    "create_classifier",
+    "get_spec",
+    "list_backbones",
+    "resolve_weights",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor of images, got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape [B, 3, H, W] or [B, 1, H, W], got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"expected float images with values in [0, 1], got dtype {images.dtype}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return (images.to(mean.dtype) - mean) / std
+
+
+class _Frozen(nn.Module):
+    """Shared by the extractor and the classifier: preprocessing buffers and freezing."""
+
+    def __init__(self, spec: BackboneSpec, network: nn.Module, weights_source: WeightsSource,
+                 trainable: bool) -> None:
+        super().__init__()
+        self.name = spec.name
+        self.weights_source = weights_source
+        self.trainable = trainable
+        self.network = network
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        for parameter in self.network.parameters():
+            parameter.requires_grad_(trainable)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> _Frozen:
+        """A frozen network stays in eval mode (its BatchNorm statistics never move)."""
+        return super().train(mode and self.trainable)
+
+
+class FeatureExtractor(_Frozen):
+    """``forward(images) -> {layer: feature map}`` for the requested layers, in the order requested.
+
+    Attributes: ``name``, ``layers`` (tuple), ``strides`` and ``channels`` (dicts per layer),
+    ``weights_source`` (:class:`WeightsSource`: kind in explicit/hub_cache/package/download/random,
+    and the file), ``network`` (the truncated network, torchvision/timm module names).
+    """
+
+    def __init__(self, spec: BackboneSpec, network: nn.Module, layers: Sequence[str],
+                 weights_source: WeightsSource, trainable: bool = False) -> None:
+        super().__init__(spec, network, weights_source, trainable)
+        self.layers = tuple(layers)
+        self.strides = {layer: spec.layer(layer).stride for layer in self.layers}
+        self.channels = {layer: spec.layer(layer).channels for layer in self.layers}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: D102
+        features = self.network.forward_taps(_normalise(images, self.mean, self.std), frozenset(self.layers))
+        return {layer: features[layer] for layer in self.layers}
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, layers={self.layers}, weights={self.weights_source}"
+
+
+class Classifier(_Frozen):
+    """The whole ImageNet network: ``forward(images in [0, 1]) -> logits [B, 1000]``."""
+
+    def __init__(self, spec: BackboneSpec, network: nn.Module, weights_source: WeightsSource,
+                 trainable: bool = False) -> None:
+        super().__init__(spec, network, weights_source, trainable)
+        self.input_size = spec.input_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.network.forward_logits(_normalise(images, self.mean, self.std))
+
+
+def _weights_for(spec: BackboneSpec, weights: PathLike | None, pretrained: bool,
+                 allow_download: bool | None) -> WeightsSource:
+    if not pretrained:
+        if weights is not None:
+            raise ValueError("weights= was given together with pretrained=False; drop one of them")
+        return WeightsSource("random", None)
+    return resolve_weights_source(spec.name, weights, allow_download)
+
+
+def create_backbone(
+    name: str = DEFAULT_BACKBONE,
+    layers: Sequence[str] | str | None = None,
+    weights: PathLike | None = None,
+    pretrained: bool = True,
+    allow_download: bool | None = None,
+    *,
+    trainable: bool = False,
+) -> FeatureExtractor:
+    """A feature extractor of backbone ``name`` tapping ``layers`` (default: ``PAPER_LAYERS[name]``).
+
+    ``weights``: a file (or a folder holding the expected file) that wins over every other source.
+    ``pretrained=False``: random (torchvision/timm-style initialised) weights, nothing looked up.
+    ``allow_download``: may fetch the weights when no local copy exists (``None``: the
+    ``DEFECTSCOPE_ALLOW_DOWNLOAD`` environment variable decides).
+    ``trainable=True``: parameters require gradients and ``.train()`` works (e.g. an STFPM student).
+    """
+    spec = get_spec(name)
+    if layers is None:
+        layers = spec.paper_layers
+    elif isinstance(layers, str):
+        layers = (layers,)
+    layers = tuple(dict.fromkeys(layers))
+    if not layers:
+        raise UnknownBackboneError(f"no layers requested from backbone {spec.name!r}")
+    for layer in layers:
+        spec.layer(layer)  # unknown layer names fail here, before any loading
+    source = _weights_for(spec, weights, pretrained, allow_download)
+    network = spec.builder()
+    full_shapes = {key: value.shape for key, value in network.state_dict().items()}
+    network.truncate(max(layers, key=network.tap_names.index))
+    if source.path is not None:
+        load_weights_into(network, spec, source.path, full_shapes)
+    return FeatureExtractor(spec, network, layers, source, trainable)
+
+
+def create_classifier(
+    name: str = DEFAULT_BACKBONE,
+    weights: PathLike | None = None,
+    pretrained: bool = True,
+    allow_download: bool | None = None,
+    *,
+    trainable: bool = False,
+) -> Classifier:
+    """The ImageNet classifier of backbone ``name`` (same weights rules as :func:`create_backbone`)."""
+    spec = get_spec(name)
+    source = _weights_for(spec, weights, pretrained, allow_download)
+    network = spec.builder()
+    if source.path is not None:
+        full_shapes = {key: value.shape for key, value in network.state_dict().items()}
+        load_weights_into(network, spec, source.path, full_shapes)
+    return Classifier(spec, network, source, trainable)
+
+
+def list_backbones() -> list[dict]:
+    """Every backbone: layers (name, stride, channels), paper layers, expected weights, and whether
+    weights were found locally (explicit paths aside; nothing is loaded or downloaded)."""
+    cache = hub_checkpoint_dir()
+    rows = []
+    for spec in BACKBONES.values():
+        found = find_weights(spec.name)
+        rows.append({
+            "name": spec.name,
+            "family": spec.family,
+            "default": spec.name == DEFAULT_BACKBONE,
+            "layers": [{"name": l.name, "stride": l.stride, "channels": l.channels} for l in spec.layers],
+            "paper_layers": list(spec.paper_layers),
+            "input_size": spec.input_size,
+            "mean": spec.mean,
+            "std": spec.std,
+            "weights_file": spec.cache_files[0],
+            "weights_files": list(spec.cache_files),
+            "weights_dir": str(cache),
+            "pip_package": spec.package.pip_name if spec.package else None,
+            "url": spec.url,
+            "weights_found": found is not None,
+            "weights_source": found.kind if found else None,
+            "weights_path": str(found.path) if found else None,
+        })
+    return rows

@@ -1,0 +1,208 @@
+"""The ``defectscope`` command line: parses arguments and calls the library, nothing more.
+
+Every verb has ``--help``. Bad input (a missing path, an unreadable image, a malformed data set,
+a damaged model directory) ends in one line on stderr and a non-zero exit code, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import DefectscopeError
+
+EXIT_ERROR = 2
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {"none": None, "true": True, "false": False}.get(text.lower(), text)
+
+
+def _parse_params(items: list[str] | None) -> dict:
+    params = {}
+    for item in items or []:
+        if "=" not in item:
+            raise DefectscopeError(f"--param expects name=value, got {item!r}")
+        key, value = item.split("=", 1)
+        params[key.strip()] = _parse_value(value)
+    return params
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+# -- verbs -------------------------------------------------------------------------------------
+def cmd_models(args) -> int:
+    from .models import list_models
+
+    rows = []
+    for cls in list_models():
+        ok, note = cls(**{}).weights_available()
+        rows.append((cls.name, cls.paradigm, "pixel" if cls.pixel_level else "image only",
+                     "yes" if ok else f"no ({note})", cls.description))
+    widths = [max(len(r[i]) for r in rows + [("name", "paradigm", "level", "weights", "")]) for i in range(4)]
+    head = ("name", "paradigm", "level", "weights")
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  description")
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r[:4], widths)) + "  " + r[4])
+        if args.verbose:
+            print("    defaults: " + ", ".join(f"{k}={v}" for k, v in sorted(type(_model(r[0])).defaults.items())))
+    return 0
+
+
+def _model(name):
+    from .models import create_model
+
+    return create_model(name)
+
+
+def cmd_synth(args) -> int:
+    from .data.synthetic import make_synthetic
+
+    root = make_synthetic(args.out, categories=_split(args.categories) or None, image_size=args.size,
+                          channels=args.channels, n_train=args.n_train, seed=args.seed)
+    print(root)
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from .data import load_dataset
+    from .models import create_model
+
+    params = _parse_params(args.param)
+    if args.image_size:
+        params["image_size"] = args.image_size
+    model = create_model(args.model, **params)
+    train = load_dataset(args.data, args.category, "train", image_size=model.image_size, channels=model.channels)
+    t0 = time.perf_counter()
+    model.fit(train)
+    fit_s = time.perf_counter() - t0
+    model.save(args.out)
+    print(f"fitted {model.name} on {len(train)} images of {train.category or args.data} in {fit_s:.1f} s -> {args.out}")
+    return 0
+
+
+def cmd_test(args) -> int:
+    from .data import load_dataset
+    from .engine import evaluate, measure_speed
+    from .models import load_model
+
+    model = load_model(args.model_dir)
+    test = load_dataset(args.data, args.category, "test", image_size=model.image_size, channels=model.channels)
+    metrics, _ = evaluate(model, test)
+    record = {"model": model.name, "params": model.params, "data": args.data, "category": test.category, **metrics}
+    if not args.no_speed:
+        record.update(measure_speed(model, test[0]["image"]))
+    print(json.dumps(record, indent=None if args.json else 2, default=str))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .deploy.predict import predict_paths
+
+    summary = predict_paths(args.model_dir, args.paths, out_dir=args.out, heatmaps=not args.no_heatmaps)
+    print(f"scored {summary['scored']} image(s), skipped {summary['skipped']} -> {summary['csv']}")
+    return 0 if summary["skipped"] == 0 else 1
+
+
+def cmd_bench(args) -> int:
+    from .bench.cli import bench_main
+
+    return bench_main(args)
+
+
+def cmd_backbones(args) -> int:
+    from .backbones import list_backbones
+
+    for b in list_backbones():
+        found = "found" if b.get("weights_found") else "missing"
+        print(f"{b['name']}: weights {found} ({b.get('weights_file', '')})")
+        for layer in b["layers"]:
+            print(f"    {layer['name']:<12} stride {layer['stride']:>2}  channels {layer['channels']}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="defectscope", description="Industrial visual anomaly detection: fit, test, "
+                                "predict and benchmark methods on MVTec AD, VisA, your folders or a synthetic set.")
+    p.add_argument("--version", action="version", version=f"defectscope {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("models", help="list the methods, their paradigm and whether their weights are available")
+    s.add_argument("-v", "--verbose", action="store_true", help="also print each method's default hyper-parameters")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("backbones", help="list pretrained backbones, their layers and whether weights were found")
+    s.set_defaults(func=cmd_backbones)
+
+    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_verb", required=True, metavar="VERB")
+    s = data.add_parser("synth", help="write the built-in synthetic set (MVTec layout)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    s.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grayscale (default), 3 = RGB")
+    s.add_argument("--n-train", type=int, default=200, help="normal training images per category (default 200)")
+    s.add_argument("--categories", help="comma-separated subset of the synthetic categories")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    spec_help = "data set: synthetic, mvtec:DIR, visa:DIR or folder:DIR"
+    s = sub.add_parser("fit", help="fit a model on the training images of a data set and save it")
+    s.add_argument("model", help="method name (see 'defectscope models')")
+    s.add_argument("--data", default="synthetic", help=spec_help)
+    s.add_argument("--category", help="category of the data set (default: the first one)")
+    s.add_argument("--out", required=True, help="model directory to write")
+    s.add_argument("--image-size", type=int, help="input side in pixels (default: the method's)")
+    s.add_argument("--param", action="append", metavar="NAME=VALUE", help="hyper-parameter (repeatable)")
+    s.set_defaults(func=cmd_fit)
+
+    s = sub.add_parser("test", help="evaluate a saved model on the test split; prints the result record")
+    s.add_argument("model_dir")
+    s.add_argument("--data", default="synthetic", help=spec_help)
+    s.add_argument("--category")
+    s.add_argument("--no-speed", action="store_true", help="skip the latency/throughput measurement")
+    s.add_argument("--json", action="store_true", help="one-line JSON")
+    s.set_defaults(func=cmd_test)
+
+    s = sub.add_parser("predict", help="score image files or folders; writes scores.csv and heatmaps")
+    s.add_argument("model_dir")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    s.add_argument("--out", default="predictions", help="output directory (default ./predictions)")
+    s.add_argument("--no-heatmaps", action="store_true", help="write only the CSV")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("bench", help="compare methods side by side; writes OUT/results.jsonl and tables")
+    from .bench.cli import add_bench_arguments
+
+    add_bench_arguments(s)
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DefectscopeError as e:
+        print(f"defectscope: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"defectscope: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("defectscope: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

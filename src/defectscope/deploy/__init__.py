@@ -1,0 +1,1 @@
+"""Deployment: batch inference over files (thresholds, inferencer and export build on it)."""

@@ -1,0 +1,63 @@
+"""What the reconstruction methods share: train an image-to-image network on normal images,
+score by the per-pixel reconstruction error."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..engine.train import auto_device, load_images, seed_everything, train_loop
+from ..ops.blur import gaussian_blur
+from .base import AnomalyModel, Prediction
+
+
+class ReconstructionModel(AnomalyModel):
+    """Base of the autoencoders: ``self.net`` maps images to reconstructions of the same shape.
+
+    Anomaly map: squared error per pixel (mean over channels), Gaussian-blurred with
+    ``blur_sigma`` (4, the library-wide post-processing); image score: the map's maximum, so a
+    small defect that the autoencoder cannot reconstruct decides the score, as it should for
+    inspection (a mean would dilute it by the defect's area).
+    """
+
+    paradigm = "reconstruction"
+    net: nn.Module
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def error_map(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Per-pixel anomaly map ``[B, H, W]`` before blurring."""
+        return (images - recon).pow(2).mean(dim=1)
+
+    def _check_size(self, multiple: int) -> None:
+        if self.image_size % multiple:
+            raise ValueError(f"{self.name}: image_size must be a multiple of {multiple}, got {self.image_size}")
+
+    def _fit(self, dataset, val_dataset=None) -> None:
+        p = self.params
+        gen = seed_everything(int(p["seed"]))
+        self._build()  # rebuild after seeding: the initial weights depend only on the seed
+        device = auto_device(p.get("device"))
+        self.to(device)
+        images = load_images(dataset)
+        val = load_images(val_dataset) if val_dataset is not None and len(val_dataset) else None
+        opt = torch.optim.Adam(self.net.parameters(), lr=float(p["lr"]))
+        self.history = train_loop(
+            self.net, self.loss, images, epochs=int(p["epochs"]), optimizer=opt,
+            batch_size=int(p["batch_size"]), generator=gen, val_images=val,
+            patience=p.get("patience"), desc=f"fit {self.name}", device=device,
+        )
+
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        recon = self.net(images)
+        amap = self.error_map(images, recon)
+        sigma = float(self.params["blur_sigma"])
+        if sigma > 0:
+            amap = gaussian_blur(amap, sigma)
+        return Prediction(score=amap.flatten(1).amax(dim=1), anomaly_map=amap)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters (BatchNorm's running statistics are buffers, not counted)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

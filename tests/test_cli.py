@@ -1,0 +1,85 @@
+"""The command line, end to end, in-process: verbs, outputs, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectscope.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_lists_both_autoencoders(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    assert "sae" in out and "dae" in out and "reconstruction" in out
+
+
+def test_every_verb_has_help(capsys):
+    for verb in (["models"], ["backbones"], ["data", "synth"], ["fit"], ["test"], ["predict"], ["bench"]):
+        with pytest.raises(SystemExit) as e:
+            main([*verb, "--help"])
+        assert e.value.code == 0
+        assert "usage: defectscope" in capsys.readouterr().out
+
+
+def test_fit_test_predict_round_trip(capsys, synth_root, tmp_path):
+    data = f"mvtec:{synth_root}"
+    model_dir = tmp_path / "sae"
+    code, out, err = run(capsys, "fit", "sae", "--data", data, "--category", "fabric", "--out", model_dir,
+                         "--image-size", "64", "--param", "epochs=2")
+    assert code == 0, err
+    assert (model_dir / "config.json").exists() and (model_dir / "weights.safetensors").exists()
+    code, out, err = run(capsys, "test", model_dir, "--data", data, "--category", "fabric", "--no-speed", "--json")
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["model"] == "sae" and 0.0 <= rec["image_auroc"] <= 1.0 and rec["aupro"] is not None
+
+    good = sorted((synth_root / "fabric" / "test" / "good").glob("*.png"))[:2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    out_dir = tmp_path / "pred"
+    code, out, err = run(capsys, "predict", model_dir, *good, broken, "--out", out_dir)
+    assert code == 1  # a skipped file is reported in the exit code
+    assert "broken.png" in err and "Traceback" not in err
+    rows = list(csv.DictReader(open(out_dir / "scores.csv")))
+    assert [r["path"] for r in rows] == [str(p) for p in good] + [str(broken)]
+    assert all(float(r["score"]) >= 0 for r in rows[:2]) and rows[2]["score"] == "" and rows[2]["error"]
+    heat = np.asarray(Image.open(out_dir / "heatmaps" / f"{good[0].stem}.png"))
+    assert heat.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["test", "{tmp}/nope", "--data", "synthetic"], "nope"),
+    (["fit", "sae", "--data", "mvtec:{tmp}/missing", "--out", "{tmp}/m"], "missing"),
+    (["fit", "nosuchmodel", "--out", "{tmp}/m"], "unknown model"),
+    (["fit", "sae", "--param", "epochs", "--out", "{tmp}/m"], "name=value"),
+    (["predict", "{tmp}/nope", "{tmp}/x.png"], "nope"),
+])
+def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, argv, needle):
+    code, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("defectscope: error:") and needle in lines[0]
+
+
+def test_data_synth_writes_the_mvtec_layout(capsys, tmp_path):
+    code, out, err = run(capsys, "data", "synth", "--out", tmp_path / "s", "--size", "32", "--n-train", "3",
+                         "--categories", "fabric")
+    assert code == 0, err
+    root = tmp_path / "s"
+    assert len(list((root / "fabric" / "train" / "good").glob("*.png"))) == 3
+    defects = {p.name for p in (root / "fabric" / "test").iterdir()} - {"good"}
+    assert defects == {"scratch", "stain", "missing", "discolor"}
+    for d in defects:
+        img = sorted((root / "fabric" / "test" / d).glob("*.png"))[0]
+        assert (root / "fabric" / "ground_truth" / d / f"{img.stem}_mask.png").exists()
