@@ -52,7 +52,8 @@ def test_sae_layers_as_the_guide():
     fcs = [l for l in m.net.modules() if isinstance(l, torch.nn.Linear)]
     assert [(f.in_features, f.out_features) for f in fcs] == [(65536, 64), (64, 65536)]
     x = torch.rand(2, 1, 128, 128)
-    y = m.net.eval()(x)
+    with torch.no_grad():
+        y = m.net.eval()(x)
     assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
 
 

@@ -7,8 +7,9 @@ Every data set is an :class:`AnomalyDataset` (a ``torch.utils.data.Dataset``) wh
 Data set specs understood by :func:`load_dataset` and :func:`list_categories`:
 
 * ``synthetic`` - the built-in synthetic set with default parameters, generated once into the
-  cache (``$DEFECTSCOPE_CACHE`` or ``~/.cache/defectscope``); ``synthetic:DIR`` generates/reuses it
-  in ``DIR``.
+  cache (``$DEFECTSCOPE_CACHE`` or ``~/.cache/defectscope``); ``synthetic:DIR`` reads the synthetic
+  set in ``DIR`` (e.g. written by ``defectscope data synth --out DIR``, whatever its parameters),
+  or generates the default one there if ``DIR`` holds none.
 * ``mvtec:DIR`` - MVTec AD layout (``DIR/<category>/train/good``, ``test/<type>``,
   ``ground_truth/<type>/<stem>_mask.png``), or ``DIR`` a category folder itself.
 * ``visa:DIR`` - VisA, original layout with ``split_csv/1cls.csv`` or the MVTec-style converted one.
@@ -35,7 +36,14 @@ from .folder import FolderDataset
 from .io import IMAGE_EXTENSIONS, is_image_file, list_images, read_image, read_mask
 from .mvtec import MVTEC_CATEGORIES, MVTecDataset
 from .mvtec import list_categories as mvtec_categories
-from .synthetic import DEFECT_TYPES, SYNTHETIC_CATEGORIES, make_synthetic, render_pair, synthetic_root
+from .synthetic import (
+    DEFECT_TYPES,
+    MANIFEST,
+    SYNTHETIC_CATEGORIES,
+    make_synthetic,
+    render_pair,
+    synthetic_root,
+)
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -115,13 +123,21 @@ def _folder_parts(folder: Path) -> Tuple[Path, List[Path], Optional[Path]]:
 
 
 def _synthetic_dir(folder: Optional[Path]) -> Path:
-    return synthetic_root() if folder is None else make_synthetic(folder)
+    """The default cached set, or ``folder`` if it holds a synthetic set (of any parameters),
+    else the default set generated into ``folder``."""
+    if folder is None:
+        return synthetic_root()
+    if (folder / MANIFEST).is_file():
+        return folder
+    return make_synthetic(folder)
 
 
 def list_categories(spec: Union[str, os.PathLike]) -> List[str]:
     """The categories available for a data set spec (see the module docstring)."""
     kind, folder = parse_spec(spec)
     if kind == "synthetic":
+        if folder is not None and (folder / MANIFEST).is_file():
+            return mvtec_categories(folder)
         return list(SYNTHETIC_CATEGORIES)
     assert folder is not None
     if kind == "mvtec":

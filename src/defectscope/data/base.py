@@ -16,7 +16,10 @@ pixel metrics must not be computed on it). A data set where only SOME anomalous 
 is refused with :class:`DatasetError` (it would silently skew pixel metrics). A mask whose size
 differs from its image is resized (nearest neighbour) if the aspect ratio matches within 1 %,
 otherwise :class:`DatasetError` names both files and sizes; this is checked when the data set is
-built (from the file headers) and again when an item is read.
+built (from the file headers) and again when an item is read. Masks are binarized at > 0, so
+0/255 (MVTec), 0/1 (VisA-style label images) and anti-aliased masks all work.
+
+``root`` is the folder the records were read from (for MVTec/VisA the category folder).
 """
 
 from __future__ import annotations

@@ -32,12 +32,12 @@ PathLike = Union[str, os.PathLike]
 def _images(folder: Path, role: str) -> List[Path]:
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise DatasetError(f"{role} folder {folder} {what}; check the path")
+        raise DatasetError(f"{role} image folder {folder} {what}; check the path")
     images = list_images(folder)
     if not images:
         raise DatasetError(
-            f"{role} folder {folder} has no images (.png, .jpg, .bmp, .tif, .webp); put the "
-            f"{role} images there"
+            f"{role} image folder {folder} has no images (.png, .jpg, .bmp, .tif, .webp); put "
+            f"the {role} images there"
         )
     return images
 
@@ -78,9 +78,9 @@ class FolderDataset(AnomalyDataset):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         normal_dir = Path(normal_dir).expanduser().absolute()
-        normal = _images(normal_dir, "normal image")
+        normal = _images(normal_dir, "normal")
         if normal_test_dir is not None:
-            normal_test = _images(Path(normal_test_dir).expanduser().absolute(), "normal test image")
+            normal_test = _images(Path(normal_test_dir).expanduser().absolute(), "normal test")
             train_imgs, test_imgs = normal, normal_test
         else:
             tr, te = split_normal(len(normal), test_fraction, seed)
@@ -103,7 +103,7 @@ class FolderDataset(AnomalyDataset):
             records = [Record(p, None, 0, GOOD) for p in test_imgs]
             for adir in abnormal_dirs:
                 dtype = adir.name
-                for p in _images(adir, "abnormal image"):
+                for p in _images(adir, "abnormal"):
                     mask = None
                     if mdir is not None:
                         mask = find_mask(mdir / dtype, p.stem) or find_mask(mdir, p.stem)

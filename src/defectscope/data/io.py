@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import List, Tuple, Union
 
 import numpy as np
 import torch
@@ -99,9 +99,7 @@ def _fail(path: Path, reason: str, todo: str) -> ImageReadError:
 _RECOPY = "re-copy or regenerate the file, or remove it from the data set"
 
 
-def _open(path: PathLike, load: bool = True) -> Image.Image:
-    """Open (and by default fully decode) an image, mapping every failure to ImageReadError."""
-    path = Path(path).expanduser()
+def _open_raw(path: Path, load: bool) -> Image.Image:
     if not path.exists():
         raise _fail(path, "file does not exist", "check the path and the data set folder")
     if path.is_dir():
@@ -113,22 +111,35 @@ def _open(path: PathLike, load: bool = True) -> Image.Image:
     if size == 0:
         raise _fail(path, "file is empty (0 bytes)", _RECOPY)
     limit = MAX_IMAGE_PIXELS
+    img = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             w, h = img.size
             if limit and w * h > limit:
-                img.close()
-                raise Image.DecompressionBombError(f"{w}x{h}")
+                raise Image.DecompressionBombError(f"{w}x{h} = {w * h} pixels")
             if load:
                 img.load()
         return img
+    except BaseException:
+        if img is not None:
+            img.close()
+        raise
+
+
+def _open(path: PathLike, load: bool = True) -> Image.Image:
+    """Open (and by default fully decode) an image, mapping every failure to ImageReadError."""
+    path = Path(path).expanduser()
+    try:
+        return _open_raw(path, load)
+    except ImageReadError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _fail(
             path,
-            f"image is too large ({_one_line(exc)}; limit {limit} pixels, "
-            "decompression-bomb protection)",
+            f"image is too large ({_one_line(exc)}; the limit is {MAX_IMAGE_PIXELS} pixels, "
+            "a protection against decompression bombs)",
             "downscale it, or raise defectscope.data.io.MAX_IMAGE_PIXELS if the file is trusted",
         ) from exc
     except UnidentifiedImageError as exc:
@@ -274,7 +285,3 @@ def read_mask(path: PathLike) -> torch.Tensor:
         return pil_to_mask(img, path=Path(path).expanduser())
     finally:
         img.close()
-
-
-def _as_paths(paths: Sequence[PathLike]) -> List[Path]:  # small helper used by the readers
-    return [Path(p).expanduser() for p in paths]

@@ -98,7 +98,7 @@ def mvtec_records(cat_dir: Path, split: str) -> List[Record]:
     test = cat_dir / "test"
     type_dirs = sorted(
         (p for p in test.iterdir() if p.is_dir() and not p.name.startswith(".")),
-        key=lambda p: p.name,
+        key=lambda p: (p.name != GOOD, p.name),  # test/good first, then the defect types
     ) if test.is_dir() else []
     if not type_dirs:
         raise _layout_error(f"no defect-type sub-folders in {test}")

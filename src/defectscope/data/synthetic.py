@@ -44,7 +44,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -113,7 +113,8 @@ def _grid(S: int) -> Tuple[np.ndarray, np.ndarray]:
 
 def _smooth_noise(rng: np.random.Generator, S: int, sigma: float) -> np.ndarray:
     """Zero-mean, unit-std Gaussian-filtered white noise."""
-    n = ndimage.gaussian_filter(rng.standard_normal((S, S), dtype=np.float32), sigma=max(sigma, 0.3), mode="wrap")
+    white = rng.standard_normal((S, S), dtype=np.float32)
+    n = ndimage.gaussian_filter(white, sigma=max(sigma, 0.3), mode="wrap", truncate=3.0)
     return n / (n.std() + 1e-12)
 
 
@@ -169,7 +170,7 @@ def _render_washer(rng: np.random.Generator, S: int) -> _Scene:
         + 0.012 * np.sin(2 * np.pi * yy / (4 * s) + rng.uniform(0, 2 * np.pi))
     )
     sh = max(int(round(2 * s)), 1)
-    shadow = np.roll(ndimage.gaussian_filter(alpha, 2.0 * s), (sh, sh), axis=(0, 1))
+    shadow = np.roll(ndimage.gaussian_filter(alpha, 2.0 * s, truncate=3.0), (sh, sh), axis=(0, 1))
     bg = bg * (1.0 - 0.35 * shadow)
     bg_rgb = _f32([0.9, 0.97, 1.1])[:, None, None] * bg
 
@@ -480,7 +481,7 @@ def _clear_category(cdir: Path) -> None:
 
 
 def _save_png(arr: np.ndarray, path: Path) -> None:
-    Image.fromarray(arr).save(path, format="PNG", compress_level=6)
+    Image.fromarray(arr).save(path, format="PNG", compress_level=1)
 
 
 def make_synthetic(

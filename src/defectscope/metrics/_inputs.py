@@ -71,7 +71,7 @@ def scores_and_labels(scores, labels, name_s: str = "scores", name_l: str = "lab
 
 
 def maps_and_masks(maps, masks):
-    """Checked ``(maps, masks)`` pair of shape ``[N, H, W]`` (a single ``[H, W]`` map is promoted)."""
+    """Checked ``(maps, masks)`` of shape ``[N, H, W]`` (a single ``[H, W]`` map is promoted)."""
     m = as_scores(maps, "maps")
     g = as_labels(masks)
     check_same_shape(m, g, "maps", "masks")

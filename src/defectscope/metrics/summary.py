@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ._inputs import maps_and_masks, scores_and_labels
 from .pro import aupro_core, check_fpr_limit, component_weights
 from .ranking import SortedSplit
@@ -58,12 +60,14 @@ def compute_metrics(
         limit = check_fpr_limit(fpr_limit)
         m, g = maps_and_masks(maps, masks)
         weights, n_regions = component_weights(g)
-        pos = m[g]  # boolean indexing copies: sorting in place below is safe
-        neg = m[~g]
+        pos = m[g]
+        order = np.argsort(pos, kind="stable")
+        pos, weights = pos[order], weights[order]
+        del order
+        neg = m[~g]  # boolean indexing copies: sorting in place is safe
         neg.sort()
         out["aupro"] = aupro_core(neg, neg.size, pos, weights, n_regions, limit)
         del weights
-        pos.sort()
         split = SortedSplit(neg, pos)
         out["pixel_auroc"] = split.auroc()
         out["pixel_ap"] = split.average_precision()

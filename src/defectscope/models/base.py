@@ -112,8 +112,12 @@ class AnomalyModel(nn.Module):
         self.fitted = False
 
     # -- what subclasses implement ------------------------------------------------------------
-    def _build(self) -> None:
-        """Create sub-modules and buffers from ``self.params`` (called by fit and load)."""
+    def _build(self, pretrained: bool = True) -> None:
+        """Create sub-modules and buffers from ``self.params`` (called by fit and by load).
+
+        ``pretrained=False`` when loading: every tensor then comes from the saved file, so no
+        pretrained weights are looked up.
+        """
 
     def _fit(self, dataset, val_dataset=None) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

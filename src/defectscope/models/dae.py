@@ -83,7 +83,7 @@ class DeepAE(ReconstructionModel):
         "blur_sigma": 4.0, "seed": 0, "device": None,
     }
 
-    def _build(self) -> None:
+    def _build(self, pretrained: bool = True) -> None:
         self._check_size(16)
         if self.params["map"] not in ("l2", "ssim"):
             raise ValueError(f"dae: map must be 'l2' or 'ssim', got {self.params['map']!r}")

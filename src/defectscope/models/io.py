@@ -117,7 +117,7 @@ def load_model(path, map_location: str | torch.device = "cpu") -> AnomalyModel:
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"{weights}: unreadable ({e})") from None
     model = get_model_class(config["model"])(**config.get("params", {}))
-    model._build()
+    model._build(pretrained=False)
     _assign_state(model, tensors, weights)
     model.load_extra_config(config.get("extra", {}))
     model.fitted = True

@@ -67,7 +67,7 @@ class SparseAE(ReconstructionModel):
         "blur_sigma": 4.0, "seed": 0, "device": None,
     }
 
-    def _build(self) -> None:
+    def _build(self, pretrained: bool = True) -> None:
         self._check_size(4)
         self.net = SparseAENet(self.channels, self.image_size, int(self.params["latent"]))
 

