@@ -59,7 +59,7 @@ def aggregation_weights(channels: list[int], embed_dim: int, target_dim: int, pa
     for i, c in enumerate(channels):
         pre = adaptive_pool_matrix(c * patch * patch, embed_dim)  # [embed, C*9]
         w = agg[:, i * embed_dim:(i + 1) * embed_dim] @ pre  # [target, C*9]
-        weights.append(w.view(target_dim, c, patch, patch).float())
+        weights.append(w.view(target_dim, c, patch, patch))
     return weights
 
 
@@ -84,7 +84,7 @@ class PatchCore(BackboneModel):
         target = int(self.params["target_dim"] or embed)
         p = int(self.params["patch_size"])
         for i, w in enumerate(aggregation_weights(channels, embed, target, p)):
-            self.register_buffer(f"agg{i}", w)
+            self.register_buffer(f"agg{i}", w.float())
         self.register_buffer("memory_bank", torch.empty(0, target))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -147,16 +147,17 @@ def greedy_coreset(
         pbar = _progress_bar(n, progress)
         try:
             if method == "dense":
-                idx, u = _greedy_dense(x, sq, n, start, pbar)
+                idx, u, mark = _greedy_dense(x, sq, n, start, pbar)
             else:
-                idx, u = _greedy_lazy(x, sq, n, start, pbar, int(flush_every), int(max_frontier))
+                idx, u, mark = _greedy_lazy(x, sq, n, start, pbar, int(flush_every),
+                                            int(max_frontier))
         finally:
             if pbar is not None:
                 pbar.close()
         if not return_min_distances:
             return idx
-        # u is exact except for the centres picked since the last flush (at most flush_every).
-        _flush(x, sq, u, idx[-min(n, max(1, int(flush_every))) :])
+        # u[i] holds the centres idx[:mark[i]]: apply the others
+        _catch_up(x, sq, u, mark, idx, n, torch.arange(num, device=x.device))
         u[idx] = 0.0
         return CoresetResult(idx, u.clamp_(min=0).sqrt_())
 
@@ -192,65 +193,101 @@ def _greedy_dense(x, sq, n, start, pbar):
             torch.addmv(sq, x, x[c], alpha=-2, out=buf).add_(sq[c])
             torch.minimum(u, buf, out=u)
         c = int(torch.argmax(u).item())
-    return idx.to(x.device), u
+    # u holds the centres idx[:n-1] (the last pick is not applied)
+    mark = torch.full((num,), n - 1, dtype=torch.int64, device=x.device)
+    return idx.to(x.device), u, mark
 
 
-def _flush(x, sq, u, centers, block_rows: int = 16384):
-    """u = min(u, min_c |x - x_c|^2) for the given centres, blocked matrix-matrix products."""
-    if len(centers) == 0:
+def _min_sqdist(x, sq, rows, centers, budget=1 << 22):
+    """min_c |x_r - x_c|^2 for the given rows and centres (index tensors): blocked
+    matrix-matrix products, at most ``budget`` distances held at a time."""
+    out = torch.full((rows.numel(),), math.inf, dtype=x.dtype, device=x.device)
+    cols = max(1, min(centers.numel(), 4096))
+    step = max(256, budget // cols)
+    for lo in range(0, rows.numel(), step):
+        r = rows[lo : lo + step]
+        xr = x[r]
+        best = out[lo : lo + step]
+        for c0 in range(0, centers.numel(), cols):
+            c = centers[c0 : c0 + cols]
+            d = torch.addmm(sq[c].unsqueeze(0), xr, x[c].T, alpha=-2)  # |c|^2 - 2 x.c
+            torch.minimum(best, d.amin(dim=1), out=best)
+        best.add_(sq[r])
+    return out
+
+
+def _catch_up(x, sq, u, mark, idx, k, rows):
+    """Bring ``rows`` up to date: u[r] = min(u[r], distances to the centres idx[mark[r]:k]), then
+    mark[r] = k. Rows share few distinct marks; each group is one blocked matrix product."""
+    if rows.numel() == 0:
         return
-    xc = x[centers]  # [p, D]
-    sqc = sq[centers].unsqueeze(0)  # [1, p]
-    num = x.shape[0]
-    for lo in range(0, num, block_rows):
-        hi = min(num, lo + block_rows)
-        d = torch.addmm(sqc, x[lo:hi], xc.T, alpha=-2)  # [b, p] = |c|^2 - 2 x.c
-        d = d.amin(dim=1).add_(sq[lo:hi])
-        torch.minimum(u[lo:hi], d, out=u[lo:hi])
+    marks = mark[rows]
+    lo_mark = int(marks.min())
+    if lo_mark < k:
+        if lo_mark == int(marks.max()):
+            u[rows] = torch.minimum(u[rows], _min_sqdist(x, sq, rows, idx[lo_mark:k]))
+        else:
+            for m0 in torch.unique(marks).tolist():
+                if m0 < k:
+                    r = rows[marks == m0]
+                    u[r] = torch.minimum(u[r], _min_sqdist(x, sq, r, idx[m0:k]))
+    mark[rows] = k
 
 
 def _greedy_lazy(x, sq, n, start, pbar, flush_every, max_frontier):
-    """Exact lazy greedy selection (see module docstring)."""
-    max_frontier = max(1, max_frontier)
-    chunk = min(1024, max(64, max_frontier // 8))  # frontier growth step
+    """Exact lazy greedy selection (see the module docstring).
+
+    ``u[i]`` is the min squared distance of point i to the centres ``idx[:mark[i]]``: an upper
+    bound of its distance to the coreset. The *frontier* ``s`` (sorted by index) holds the
+    points of largest ``u``, brought up to date when they join it and kept exact at every pick;
+    ``thr`` is the largest ``u`` outside it. Each period (``flush_every`` picks) the frontier is
+    written back and rebuilt from scratch with a top-k over all points.
+    """
     num = x.shape[0]
     dev = x.device
     ninf = -math.inf
     flush_every = max(1, flush_every)
+    max_frontier = max(1, max_frontier)
+    chunk = min(1024, max(64, max_frontier // 8))  # frontier growth step
     u = torch.empty(num, dtype=x.dtype, device=dev)
     torch.addmv(sq, x, x[start], alpha=-2, out=u).add_(sq[start])
     u[start] = ninf
+    mark = torch.ones(num, dtype=torch.int64, device=dev)
     idx = torch.empty(n, dtype=torch.int64)  # on the CPU: written one pick at a time
     idx[0] = start
+    on_cpu = dev.type == "cpu"
+    idx_dev = idx if on_cpu else torch.empty(n, dtype=torch.int64, device=dev)
+    if not on_cpu:
+        idx_dev[0] = start
     if pbar is not None:
         pbar.update(1)
     k = 1
-    cap = max(max_frontier, chunk)  # largest frontier before a flush
+    cap_base = max(max_frontier, chunk)
+    cap = cap_base  # length of the candidate list (and largest frontier)
     while k < n:
-        # ---- (re)build the frontier from u, which is exact here (nothing pending) ----
+        # ---- (re)build the frontier: top of u, brought up to date ----
         list_len = min(num, cap)
-        vals, order = torch.topk(u, list_len)  # descending
+        vals, order = torch.topk(u, list_len)  # descending, possibly stale values
         ptr = min(chunk, list_len)
-        s, perm = torch.sort(order[:ptr])  # frontier sorted by index: argmax -> lowest index
-        ms = vals[:ptr][perm]  # exact min squared distances of the frontier points
+        s = torch.sort(order[:ptr]).values  # sorted by index: argmax -> lowest index
+        _catch_up(x, sq, u, mark, idx_dev, k, s)
+        ms = u[s]
         xs, sqs = x[s], sq[s]
         buf = torch.empty_like(ms)
         thr = _threshold(vals, ptr, list_len, num)
-        first_pending = k  # idx[first_pending:k] are the centres picked since the last flush
+        first_pending = k
         while k < n:
             mx, j = torch.max(ms, dim=0)
             if not mx.item() > thr:
                 # Some point outside the frontier may be as far: extend the frontier.
                 if ptr >= list_len:
-                    break  # list used up: flush (or look further down the list)
+                    break  # candidate list used up: write back, look further down
                 hi = min(list_len, ptr + chunk)
                 new = order[ptr:hi]
-                m_new = vals[ptr:hi].clone()
-                if k > first_pending:
-                    _update_rows(x, sq, new, m_new, idx[first_pending:k].to(dev))
+                _catch_up(x, sq, u, mark, idx_dev, k, new)
                 ptr = hi
                 s, perm = torch.sort(torch.cat([s, new]))
-                ms = torch.cat([ms, m_new])[perm]
+                ms = torch.cat([ms, u[new]])[perm]
                 xs, sqs = x[s], sq[s]
                 buf = torch.empty_like(ms)
                 thr = _threshold(vals, ptr, list_len, num)
@@ -258,6 +295,8 @@ def _greedy_lazy(x, sq, n, start, pbar, flush_every, max_frontier):
             jj = int(j.item())
             c = int(s[jj].item())
             idx[k] = c
+            if not on_cpu:
+                idx_dev[k] = c
             k += 1
             ms[jj] = ninf
             if pbar is not None:
@@ -266,19 +305,14 @@ def _greedy_lazy(x, sq, n, start, pbar, flush_every, max_frontier):
                 break
             torch.addmv(sqs, xs, x[c], alpha=-2, out=buf).add_(sq[c])
             torch.minimum(ms, buf, out=ms)
-        # ---- flush: write the frontier back, bring every point up to date ----
+        # ---- write the frontier back: exact over idx[:k] except the last pick ----
         u[s] = ms
-        if k == n:
-            break
-        if k == first_pending:
-            # No pick since the last flush: many ties at the top. Look further down the list.
-            if list_len == num:  # cannot happen: a full frontier always yields a pick
-                raise RuntimeError("greedy_coreset: no candidate left")
-            cap = 2 * cap
+        mark[s] = k - 1 if k > first_pending else k
+        if k == first_pending and list_len < num:
+            cap *= 2  # no pick: many ties at the top, look further down the list
         else:
-            _flush(x, sq, u, idx[first_pending:k].to(dev))
-            cap = max(max_frontier, chunk)
-    return idx.to(dev), u
+            cap = cap_base
+    return idx_dev, u, mark
 
 
 def _threshold(vals, ptr, list_len, num):
@@ -288,9 +322,3 @@ def _threshold(vals, ptr, list_len, num):
     if list_len == num:
         return -math.inf
     return float(vals[list_len - 1].item())
-
-
-def _update_rows(x, sq, rows, m, centers):
-    """m = min(m, min_c |x_rows - x_c|^2), in place, one matrix product."""
-    d = torch.addmm(sq[centers].unsqueeze(0), x[rows], x[centers].T, alpha=-2)
-    torch.minimum(m, d.amin(dim=1).add_(sq[rows]), out=m)
