@@ -147,17 +147,17 @@ def greedy_coreset(
         pbar = _progress_bar(n, progress)
         try:
             if method == "dense":
-                idx, u, mark = _greedy_dense(x, sq, n, start, pbar)
+                idx, u, mark, cx, csq = _greedy_dense(x, sq, n, start, pbar)
             else:
-                idx, u, mark = _greedy_lazy(x, sq, n, start, pbar, int(flush_every),
-                                            int(max_frontier))
+                idx, u, mark, cx, csq = _greedy_lazy(x, sq, n, start, pbar, int(flush_every),
+                                                     int(max_frontier))
         finally:
             if pbar is not None:
                 pbar.close()
         if not return_min_distances:
             return idx
         # u[i] holds the centres idx[:mark[i]]: apply the others
-        _catch_up(x, sq, u, mark, idx, n, torch.arange(num, device=x.device))
+        _catch_up(x, sq, u, mark, cx, csq, n, torch.arange(num, device=x.device))
         u[idx] = 0.0
         return CoresetResult(idx, u.clamp_(min=0).sqrt_())
 
@@ -195,29 +195,29 @@ def _greedy_dense(x, sq, n, start, pbar):
         c = int(torch.argmax(u).item())
     # u holds the centres idx[:n-1] (the last pick is not applied)
     mark = torch.full((num,), n - 1, dtype=torch.int64, device=x.device)
-    return idx.to(x.device), u, mark
+    idx = idx.to(x.device)
+    return idx, u, mark, x[idx], sq[idx]
 
 
-def _min_sqdist(x, sq, rows, centers, budget=1 << 22):
-    """min_c |x_r - x_c|^2 for the given rows and centres (index tensors): blocked
-    matrix-matrix products, at most ``budget`` distances held at a time."""
+def _min_sqdist(x, sq, rows, cx, csq, budget=1 << 22):
+    """min_c |x_r - c|^2 over the centres ``cx [K, D]`` (squared norms ``csq [K]``) for the given
+    rows (an index tensor): blocked matrix products, at most ``budget`` distances at a time."""
     out = torch.full((rows.numel(),), math.inf, dtype=x.dtype, device=x.device)
-    cols = max(1, min(centers.numel(), 4096))
+    cols = max(1, min(cx.shape[0], 4096))
     step = max(256, budget // cols)
     for lo in range(0, rows.numel(), step):
         r = rows[lo : lo + step]
         xr = x[r]
         best = out[lo : lo + step]
-        for c0 in range(0, centers.numel(), cols):
-            c = centers[c0 : c0 + cols]
-            d = torch.addmm(sq[c].unsqueeze(0), xr, x[c].T, alpha=-2)  # |c|^2 - 2 x.c
+        for c0 in range(0, cx.shape[0], cols):
+            d = torch.addmm(csq[c0 : c0 + cols].unsqueeze(0), xr, cx[c0 : c0 + cols].T, alpha=-2)
             torch.minimum(best, d.amin(dim=1), out=best)
         best.add_(sq[r])
     return out
 
 
-def _catch_up(x, sq, u, mark, idx, k, rows):
-    """Bring ``rows`` up to date: u[r] = min(u[r], distances to the centres idx[mark[r]:k]), then
+def _catch_up(x, sq, u, mark, cx, csq, k, rows):
+    """Bring ``rows`` up to date: u[r] = min(u[r], distances to the centres cx[mark[r]:k]), then
     mark[r] = k. Rows share few distinct marks; each group is one blocked matrix product."""
     if rows.numel() == 0:
         return
@@ -225,25 +225,28 @@ def _catch_up(x, sq, u, mark, idx, k, rows):
     lo_mark = int(marks.min())
     if lo_mark < k:
         if lo_mark == int(marks.max()):
-            u[rows] = torch.minimum(u[rows], _min_sqdist(x, sq, rows, idx[lo_mark:k]))
+            u[rows] = torch.minimum(u[rows], _min_sqdist(x, sq, rows, cx[lo_mark:k], csq[lo_mark:k]))
         else:
             for m0 in torch.unique(marks).tolist():
                 if m0 < k:
                     r = rows[marks == m0]
-                    u[r] = torch.minimum(u[r], _min_sqdist(x, sq, r, idx[m0:k]))
+                    u[r] = torch.minimum(u[r], _min_sqdist(x, sq, r, cx[m0:k], csq[m0:k]))
     mark[rows] = k
 
 
 def _greedy_lazy(x, sq, n, start, pbar, flush_every, max_frontier):
     """Exact lazy greedy selection (see the module docstring).
 
-    ``u[i]`` is the min squared distance of point i to the centres ``idx[:mark[i]]``: an upper
-    bound of its distance to the coreset. The *frontier* ``s`` (sorted by index) holds the
-    points of largest ``u``, brought up to date when they join it and kept exact at every pick;
-    ``thr`` is the largest ``u`` outside it. Each period (``flush_every`` picks) the frontier is
-    written back and rebuilt from scratch with a top-k over all points.
+    ``u[i]`` is the min squared distance of point i to the centres ``cx[:mark[i]]`` (the first
+    ``mark[i]`` picks): an upper bound of its distance to the coreset. Each period starts with a
+    top-k of ``u`` over all points (the candidate list, in decreasing ``u``). The *frontier* holds
+    the points that may be picked next, exact and updated at every pick; when its best value is
+    not above ``thr`` -- the largest ``u`` outside it -- the next chunk of candidates (from the
+    list, or from the points evicted earlier in the period, whichever has the larger ``u``) is
+    brought up to date and joins it, and the frontier points now below ``thr`` are evicted (their
+    exact value kept in ``u``), so that per-pick work stays small.
     """
-    num = x.shape[0]
+    num, dim = x.shape
     dev = x.device
     ninf = -math.inf
     flush_every = max(1, flush_every)
@@ -255,48 +258,68 @@ def _greedy_lazy(x, sq, n, start, pbar, flush_every, max_frontier):
     mark = torch.ones(num, dtype=torch.int64, device=dev)
     idx = torch.empty(n, dtype=torch.int64)  # on the CPU: written one pick at a time
     idx[0] = start
-    on_cpu = dev.type == "cpu"
-    idx_dev = idx if on_cpu else torch.empty(n, dtype=torch.int64, device=dev)
-    if not on_cpu:
-        idx_dev[0] = start
+    cx = torch.empty(n, dim, dtype=x.dtype, device=dev)  # the centres, contiguous
+    csq = torch.empty(n, dtype=x.dtype, device=dev)
+    cx[0], csq[0] = x[start], sq[start]
     if pbar is not None:
         pbar.update(1)
     k = 1
     cap_base = max(max_frontier, chunk)
-    cap = cap_base  # length of the candidate list (and largest frontier)
+    cap = cap_base  # length of the candidate list
+    empty_i = torch.empty(0, dtype=torch.int64, device=dev)
     while k < n:
-        # ---- (re)build the frontier: top of u, brought up to date ----
+        # ---- new period: candidate list = top of u ----
         list_len = min(num, cap)
         vals, order = torch.topk(u, list_len)  # descending, possibly stale values
-        ptr = min(chunk, list_len)
-        s = torch.sort(order[:ptr]).values  # sorted by index: argmax -> lowest index
-        _catch_up(x, sq, u, mark, idx_dev, k, s)
-        ms = u[s]
-        xs, sqs = x[s], sq[s]
-        buf = torch.empty_like(ms)
-        thr = _threshold(vals, ptr, list_len, num)
+        list_rest = float(vals[-1]) if list_len < num else ninf  # bound of the unlisted points
+        ptr = 0
+        s, ms = empty_i, u[empty_i]  # frontier (sorted by index) and its exact values
+        ev_i, ev_v = empty_i, ms  # evicted this period
+        xs, sqs, buf = x[s], sq[s], ms
+        thr = math.inf
         first_pending = k
         while k < n:
-            mx, j = torch.max(ms, dim=0)
-            if not mx.item() > thr:
-                # Some point outside the frontier may be as far: extend the frontier.
-                if ptr >= list_len:
-                    break  # candidate list used up: write back, look further down
-                hi = min(list_len, ptr + chunk)
-                new = order[ptr:hi]
-                _catch_up(x, sq, u, mark, idx_dev, k, new)
-                ptr = hi
-                s, perm = torch.sort(torch.cat([s, new]))
-                ms = torch.cat([ms, u[new]])[perm]
+            mx, j = torch.max(ms, dim=0) if ms.numel() else (None, None)
+            if mx is None or not mx.item() > thr:
+                # ---- extend: the next chunk of candidates joins the frontier ----
+                list_next = float(vals[ptr]) if ptr < list_len else list_rest
+                ev_max = float(ev_v.max()) if ev_v.numel() else ninf
+                if ev_max >= list_next and ev_v.numel():
+                    if ev_v.numel() > chunk:
+                        sel = torch.topk(ev_v, chunk).indices
+                        keep = torch.ones_like(ev_v, dtype=torch.bool)
+                        keep[sel] = False
+                        new, ev_i, ev_v = ev_i[sel], ev_i[keep], ev_v[keep]
+                    else:
+                        new, ev_i, ev_v = ev_i, empty_i, ev_v[:0]
+                elif ptr < list_len:
+                    new = order[ptr : ptr + chunk]
+                    ptr += new.numel()
+                else:
+                    break  # candidate list used up: new period, look further down
+                _catch_up(x, sq, u, mark, cx, csq, k, new)
+                cand = torch.cat([s, new])
+                cval = torch.cat([ms, u[new]])
+                list_next = float(vals[ptr]) if ptr < list_len else list_rest
+                ev_max = float(ev_v.max()) if ev_v.numel() else ninf
+                thr = max(list_next, ev_max)
+                low = cval < thr  # cannot be picked before thr comes down: evict
+                if bool(low.any()):
+                    out = cand[low]
+                    u[out] = cval[low]
+                    mark[out] = k
+                    ev_i = torch.cat([ev_i, out])
+                    ev_v = torch.cat([ev_v, cval[low]])
+                    cand, cval = cand[~low], cval[~low]
+                s, perm = torch.sort(cand)
+                ms = cval[perm]
                 xs, sqs = x[s], sq[s]
                 buf = torch.empty_like(ms)
-                thr = _threshold(vals, ptr, list_len, num)
                 continue
             jj = int(j.item())
             c = int(s[jj].item())
             idx[k] = c
-            if not on_cpu:
-                idx_dev[k] = c
+            cx[k], csq[k] = x[c], sq[c]
             k += 1
             ms[jj] = ninf
             if pbar is not None:
@@ -305,20 +328,11 @@ def _greedy_lazy(x, sq, n, start, pbar, flush_every, max_frontier):
                 break
             torch.addmv(sqs, xs, x[c], alpha=-2, out=buf).add_(sq[c])
             torch.minimum(ms, buf, out=ms)
-        # ---- write the frontier back: exact over idx[:k] except the last pick ----
+        # ---- end of period: the frontier back into u (exact except perhaps the last pick) ----
         u[s] = ms
         mark[s] = k - 1 if k > first_pending else k
         if k == first_pending and list_len < num:
             cap *= 2  # no pick: many ties at the top, look further down the list
         else:
             cap = cap_base
-    return idx_dev, u, mark
-
-
-def _threshold(vals, ptr, list_len, num):
-    """Largest u among the points not in the frontier (an upper bound of their distances)."""
-    if ptr < list_len:
-        return float(vals[ptr].item())
-    if list_len == num:
-        return -math.inf
-    return float(vals[list_len - 1].item())
+    return idx.to(dev), u, mark, cx, csq
