@@ -25,6 +25,18 @@ from defectscope.ops import (
     upsample,
 )
 
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These kernels run many small operations; on a busy 2-core machine a second intra-op
+    thread mostly waits for a core (the results do not depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------- blur
 
 
@@ -212,6 +224,8 @@ def test_greedy_coreset_matches_naive_reference(num, dim, n, pdim):
         # tiny flush period and frontier: every path of the lazy method (frontier extension,
         # flush, growth of the candidate list) runs many times
         {"method": "lazy", "flush_every": 7, "max_frontier": 128},
+        {"method": "lazy", "level": 0.0},  # no dormant points
+        {"method": "lazy", "level": 0.98, "flush_every": 16},  # many level changes
     ):
         idx = greedy_coreset(feats, n, projection_dim=pdim, seed=3, **kw)
         assert idx.dtype == torch.int64 and idx.shape == (n,)
