@@ -10,6 +10,7 @@ Architecture exactly as the guide (``shared/seeds/003``, section 2.1), for a 1x1
 Padding 1 on every (transposed) convolution, so 128 -> 64 -> 32 -> 64 -> 128 as the guide's
 65536 = 64*32*32 requires. The latent and the decoder's first FC are linear (the guide names no
 activation there). Loss: ``MSE(x, x_hat) + lambda * mean|z|`` with lambda = 0.001.
+Training (the guide gives no schedule): Adam, learning rate 1e-3, batch 32, 50 epochs.
 
 Parameter count: the guide claims "~22K-50K"; the layer list it gives has 8,521,153 trainable
 parameters at 128x128, 99% of them in the two FC layers (4,194,368 + 4,259,840); the four
