@@ -120,6 +120,13 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_report(args) -> int:
+    from .report.html import build_report
+
+    print(build_report(args.out_dir))
+    return 0
+
+
 def cmd_backbones(args) -> int:
     from .backbones import list_backbones
 
@@ -190,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(s)
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("report", help="rebuild the tables, figures and report.html of a benchmark directory")
+    s.add_argument("out_dir", metavar="OUT", help="the --out directory of 'defectscope bench'")
+    s.set_defaults(func=cmd_report)
     return p
 
 

@@ -1,14 +1,25 @@
-"""``defectscope bench``: argument parsing and the printed/written tables of the benchmark."""
+"""``defectscope bench``: argument parsing, the presets, the data check and the run's outputs.
+
+Everything is written to ``OUT/``: ``results.jsonl`` (one record per cell, as each finishes),
+``cells/`` (what the report draws), ``bench.json`` (the command and settings of the last run),
+the tables, the figures and ``report.html`` (see :func:`defectscope.report.build_report`).
+"""
 
 from __future__ import annotations
 
-import math
+import datetime as _dt
+import importlib.util
+import json
+import shlex
 import time
 from pathlib import Path
 
-from ..errors import DefectscopeError
-from ..report.tables import csv_table, markdown_table
+from ..errors import DatasetError, DefectscopeError
+from ..report.tables import NUMERIC, markdown_table, mean_rows
 from .grid import cells_for, run_grid
+
+__all__ = ["PRESETS", "NUMERIC", "add_bench_arguments", "bench_main", "check_data", "command_line", "mean_rows",
+           "resolve_models"]
 
 # Scenario presets of the benchmark guide (shared/seeds/003, section 5).
 PRESETS: dict[str, list[str]] = {
@@ -17,12 +28,25 @@ PRESETS: dict[str, list[str]] = {
     "C": ["efficientad", "patchcore"],
 }
 
-NUMERIC = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap",
-           "latency_ms", "throughput_ips", "fit_s", "peak_rss_mb", "model_mb")
+FOLDER_LAYOUT = (
+    "expected folder layout:\n"
+    "  <DIR>/good/*.png                 normal images (20 % of them held out for the test split)\n"
+    "  <DIR>/<defect_type>/*.png        anomalous test images (every other sub-folder)\n"
+    "  <DIR>/masks/<stem>.png           optional masks (or <stem>_mask.png, or masks/<defect_type>/)\n"
+    "or one such folder per category: <DIR>/<category>/good/..."
+)
+
+
+def _layout(kind: str) -> str:
+    from ..data import mvtec, visa
+
+    return {"mvtec": mvtec.LAYOUT, "synthetic": mvtec.LAYOUT, "visa": visa.LAYOUT, "folder": FOLDER_LAYOUT}.get(kind, "")
 
 
 def add_bench_arguments(p) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), help="scenario preset of the guide: A (5 models), B (8), C (2)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="scenario preset of the guide: A (sae, dae, patchcore, efficientad, padim), B (A + stfpm, "
+                        "fastflow, reverse_distillation), C (efficientad, patchcore)")
     p.add_argument("--models", help="comma-separated methods (default: every available method)")
     p.add_argument("--data", default="synthetic", help="synthetic (default), mvtec:DIR, visa:DIR or folder:DIR")
     p.add_argument("--categories", help="comma-separated categories (default: all of the data set)")
@@ -32,7 +56,22 @@ def add_bench_arguments(p) -> None:
                    help="hyper-parameter for one method, e.g. sae.epochs=10 (repeatable)")
     p.add_argument("--out", default="defectscope-bench", help="output directory (default ./defectscope-bench)")
     p.add_argument("--resume", action="store_true", help="skip the cells already in OUT/results.jsonl")
-    p.add_argument("--threads", type=int, help="torch threads per cell (default: torch's)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="cells run at once, each in its own process (default 1; with --backend ray: as many as "
+                        "the cluster schedules)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per cell (default: cores / jobs; torch's default for one job; 1 with Ray)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local processes (default) or tasks on a Ray cluster (pip install 'defectscope[ray]')")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="Ray cluster to join, e.g. auto or ray://head:10001 (default: start a local Ray instance)")
+    p.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
+                   help="log each cell and the report to MLflow (pip install 'defectscope[mlflow]'); "
+                        "default store: OUT/mlruns")
+    p.add_argument("--latency-runs", type=int, default=50, metavar="N",
+                   help="single-image predictions timed per cell (default 50, the protocol's minimum)")
+    p.add_argument("--timeout", type=float, metavar="S", help="seconds a cell may run before it is stopped")
+    p.add_argument("--no-report", action="store_true", help="write the tables only, not the figures and report.html")
 
 
 def resolve_models(preset: str | None, models: str | None) -> tuple[list[str], list[str]]:
@@ -46,26 +85,58 @@ def resolve_models(preset: str | None, models: str | None) -> tuple[list[str], l
         wanted = PRESETS[preset]
     else:
         wanted = sorted(MODELS)
+    wanted = list(dict.fromkeys(wanted))
     return [m for m in wanted if m in MODELS], [m for m in wanted if m not in MODELS]
 
 
-def mean_rows(records: list[dict]) -> list[dict]:
-    """One row per model: the mean of each numeric field over its successful cells."""
-    out = []
-    for model in dict.fromkeys(r["model"] for r in records):
-        rows = [r for r in records if r["model"] == model and not r.get("error")]
-        row: dict = {"model": model, "category": "mean" if rows else "-"}
-        for key in NUMERIC:
-            vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
-            row[key] = sum(vals) / len(vals) if vals else None
-        errors = [r["error"] for r in records if r["model"] == model and r.get("error")]
-        row["error"] = errors[0] if errors else None
-        out.append(row)
-    return out
+def check_data(spec: str, categories: list[str] | None) -> list[str]:
+    """The categories to run for ``spec``, after opening each one's train and test split once
+    (which also generates the synthetic set before any cell needs it). A missing or malformed
+    data set raises one :class:`DatasetError` that shows the expected layout."""
+    from ..data import list_categories, load_dataset, parse_spec
+
+    kind, _ = parse_spec(spec)
+    try:
+        found = list_categories(spec)
+        cats = categories or found
+        if not cats:
+            raise DatasetError(f"no category found in data set {spec}")
+        for cat in cats:
+            for split in ("train", "test"):
+                load_dataset(spec, cat, split)
+    except DatasetError as e:
+        text = str(e)
+        layout = _layout(kind)
+        if layout and "layout" not in text:
+            text = f"{text}\n{layout}"
+        raise DatasetError(text) from None
+    return cats
+
+
+def command_line(args) -> str:
+    """The ``defectscope bench`` command that runs this benchmark again (from parsed ``args``)."""
+    words = ["defectscope", "bench"]
+    for flag, value in (("--preset", args.preset), ("--models", args.models), ("--data", args.data),
+                        ("--categories", args.categories), ("--seeds", args.seeds if args.seeds != "0" else None),
+                        ("--image-size", args.image_size)):
+        if value is not None:
+            words += [flag, str(value)]
+    for item in args.param or []:
+        words += ["--param", item]
+    words += ["--out", str(args.out)]
+    for flag, value in (("--jobs", args.jobs), ("--threads", args.threads),
+                        ("--backend", args.backend if args.backend != "local" else None),
+                        ("--ray-address", args.ray_address),
+                        ("--latency-runs", args.latency_runs if args.latency_runs != 50 else None),
+                        ("--timeout", args.timeout)):
+        if value is not None:
+            words += [flag, str(value)]
+    if args.mlflow is not None:
+        words += ["--mlflow"] + ([args.mlflow] if args.mlflow else [])
+    return shlex.join(words)
 
 
 def bench_main(args) -> int:
-    from ..data import list_categories
     from ..cli import _parse_params, _split
 
     run, missing = resolve_models(args.preset, args.models)
@@ -73,8 +144,10 @@ def bench_main(args) -> int:
         print(f"not implemented yet: {name} (listed, not run)")
     if not run:
         raise DefectscopeError("no implemented model to run; see 'defectscope models'")
-    categories = _split(args.categories) or list_categories(args.data)
-    seeds = [int(s) for s in _split(args.seeds)] or [0]
+    if args.jobs is not None and args.jobs < 1:
+        raise DefectscopeError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.latency_runs < 1:
+        raise DefectscopeError(f"--latency-runs must be at least 1, got {args.latency_runs}")
     params: dict[str, dict] = {m: {} for m in run}
     for key, value in _parse_params(args.param).items():
         model, _, name = key.partition(".")
@@ -84,8 +157,24 @@ def bench_main(args) -> int:
     if args.image_size:
         for m in run:
             params[m].setdefault("image_size", args.image_size)
+    if args.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise DefectscopeError("--backend ray needs Ray: pip install 'defectscope[ray]'")
+    categories = check_data(args.data, _split(args.categories))
+    seeds = [int(s) for s in _split(args.seeds)] or [0]
     cells = cells_for(run, args.data, categories, seeds, params)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command_line(args),
+            "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "models": run, "not_implemented": missing, "data": args.data, "categories": categories, "seeds": seeds,
+            "jobs": args.jobs or (1 if args.backend == "local" else None), "backend": args.backend,
+            "latency_runs": args.latency_runs, "resume": bool(args.resume)}
+    (out / "bench.json").write_text(json.dumps(meta, indent=2))
+    tracker = None
+    if args.mlflow is not None:
+        from .tracking import MlflowTracker, default_uri
+
+        tracker = MlflowTracker(args.mlflow or default_uri(out), meta)
     print(f"{len(cells)} cell(s): {', '.join(run)} x {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} "
           f"x {len(seeds)} seed(s) -> {out / 'results.jsonl'}")
     t0 = time.perf_counter()
@@ -94,16 +183,41 @@ def bench_main(args) -> int:
         status = f"error: {rec['error']}" if rec.get("error") else (
             f"image AUROC {rec.get('image_auroc', float('nan')):.3f}")
         print(f"  {rec['model']:<12} {str(rec.get('category')):<12} {status}", flush=True)
+        if tracker:
+            tracker.log_cell(rec)
 
-    records = run_grid(cells, out, resume=args.resume, threads=args.threads, on_result=show)
-    table = markdown_table(records)
-    means = markdown_table(mean_rows(records))
-    (out / "results.md").write_text(f"# Per category\n\n{table}\n\n# Mean over categories\n\n{means}\n")
-    (out / "results.csv").write_text(csv_table(records))
-    (out / "results_mean.csv").write_text(csv_table(mean_rows(records)))
+    try:
+        records = run_grid(cells, out, resume=args.resume, threads=args.threads, on_result=show, jobs=args.jobs,
+                           backend=args.backend, ray_address=args.ray_address, n_latency=args.latency_runs,
+                           timeout=args.timeout)
+    except BaseException:
+        if tracker:
+            tracker.fail()
+        raise
+    meta["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    (out / "bench.json").write_text(json.dumps(meta, indent=2))
+    if args.no_report:
+        from ..report.tables import csv_table
+
+        (out / "results.md").write_text(f"# Per category\n\n{markdown_table(records)}\n\n# Mean over categories\n\n"
+                                        f"{markdown_table(mean_rows(records))}\n")
+        (out / "results.csv").write_text(csv_table(records))
+        (out / "results_mean.csv").write_text(csv_table(mean_rows(records)))
+        report = None
+    else:
+        from ..report.html import build_report
+
+        report = build_report(out)
     print()
-    print(table)
+    print(markdown_table(records))
     print()
-    print(means)
-    print(f"\nwall time {time.perf_counter() - t0:.0f} s; results in {out}/ (results.jsonl, results.md, results.csv)")
+    print(markdown_table(mean_rows(records)))
+    if missing:
+        print(f"\nnot implemented yet (not run): {', '.join(missing)}")
+    if tracker:
+        tracker.finish(records, [p for p in (report, out / "results.jsonl", out / "results.md",
+                                             out / "speed_accuracy.png") if p])
+        print(f"MLflow: {tracker.uri}")
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s; results in {out}/ (results.jsonl, results.md, results.csv"
+          f"{', report.html' if report else ''})")
     return 1 if any(r.get("error") for r in records) else 0

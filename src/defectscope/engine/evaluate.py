@@ -117,10 +117,11 @@ def measure_speed(model: AnomalyModel, image: torch.Tensor, n_latency: int = 50,
 
 def run_experiment(model_name: str, params: dict | None = None, data: str = "synthetic", category: str | None = None,
                    seed: int = 0, setting: str = "one-class", save_to=None, measure: bool = True,
-                   n_latency: int = 50) -> dict[str, Any]:
+                   n_latency: int = 50, artifacts_dir=None) -> dict[str, Any]:
     """Fit ``model_name`` on the training split of ``data``/``category``, evaluate on its test
     split, time it, and return the result record. Errors are raised (the benchmark catches
-    them per cell)."""
+    them per cell). ``artifacts_dir``: also save there what the report draws (image scores and a
+    few example images, masks and maps; see :mod:`defectscope.report.artifacts`)."""
     params = dict(params or {})
     params.setdefault("seed", seed)
     model = create_model(model_name, **params)
@@ -129,7 +130,11 @@ def run_experiment(model_name: str, params: dict | None = None, data: str = "syn
     t0 = time.perf_counter()
     model.fit(train)
     fit_s = time.perf_counter() - t0
-    metrics, _ = evaluate(model, test)
+    metrics, predictions = evaluate(model, test)
+    if artifacts_dir is not None:
+        from ..report.artifacts import save_artifacts
+
+        save_artifacts(artifacts_dir, predictions, test)
     record: dict[str, Any] = {
         "model": model.name, "params": model.params, "dataset": data.split(":", 1)[0],
         "data": data, "category": train.category, "setting": setting, "seed": seed,

@@ -64,3 +64,39 @@ def csv_table(records: Iterable[dict], columns=None) -> str:
     for r in records:
         w.writerow(["" if r.get(k) is None else r.get(k) for k, _, _ in cols])
     return buf.getvalue()
+
+
+# Numeric record fields that a mean row averages (and that MLflow logs as metrics).
+NUMERIC: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "image_ap",
+                            "pixel_ap", "latency_ms", "throughput_ips", "fit_s", "peak_rss_mb", "model_mb")
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if math.isnan(value) or math.isinf(value) else float(value)
+
+
+def mean_rows(records: Iterable[dict]) -> list[dict]:
+    """One row per model (per model and data set when the records hold several): the mean of
+    each numeric field over its successful cells; ``category`` says how many cells were averaged
+    (``mean of 3``, or ``-`` when none succeeded) and ``error`` holds the first error."""
+    records = list(records)
+    several = len({r.get("data", r.get("dataset")) for r in records}) > 1
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r.get("model"), r.get("data", r.get("dataset")) if several else None), []).append(r)
+    out = []
+    for (model, data), rows in groups.items():
+        ok = [r for r in rows if not r.get("error")]
+        row: dict = {"model": model, "category": f"mean of {len(ok)}" if ok else "-", "n_cells": len(rows),
+                     "n_ok": len(ok)}
+        if several:
+            row["data"] = data
+        for key in NUMERIC:
+            vals = [v for v in (_number(r.get(key)) for r in ok) if v is not None]
+            row[key] = sum(vals) / len(vals) if vals else None
+        errors = [r["error"] for r in rows if r.get("error")]
+        row["error"] = f"{len(errors)} of {len(rows)} failed: {errors[0]}" if errors else None
+        out.append(row)
+    return out

@@ -1,0 +1,50 @@
+"""The process that runs one benchmark cell: ``python -m defectscope.bench.worker JOB.json``.
+
+``JOB.json`` holds the cell, its thread count, its artifacts folder and the file to write the
+record to. The record is written atomically (temporary file, then rename), so the parent reads
+either a whole record or none (a crash, a kill: the parent records the error). If the parent dies,
+the worker stops too instead of running on unseen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def _exit_with_parent(interval: float = 1.0) -> None:
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m defectscope.bench.worker JOB.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text())
+    _exit_with_parent()
+    from .grid import Cell, execute_cell
+
+    rec = execute_cell(Cell.from_json(job["cell"]), job.get("threads"), job.get("artifacts_dir"),
+                       int(job.get("n_latency") or 50))
+    out = Path(job["result"])
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(rec, default=str))
+    os.replace(tmp, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
