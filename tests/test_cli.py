@@ -25,7 +25,7 @@ def test_models_lists_both_autoencoders(capsys):
 
 
 def test_every_verb_has_help(capsys):
-    for verb in (["models"], ["backbones"], ["data", "synth"], ["fit"], ["test"], ["predict"], ["bench"]):
+    for verb in (["models"], ["backbones"], ["data", "synth"], ["fit"], ["test"], ["predict"], ["bench"], ["report"]):
         with pytest.raises(SystemExit) as e:
             main([*verb, "--help"])
         assert e.value.code == 0
