@@ -66,19 +66,25 @@ class Padim(BackboneModel):
     def _fit(self, dataset, val_dataset=None) -> None:
         self.to(auto_device(self.params["device"]))
         loader = torch.utils.data.DataLoader(dataset, batch_size=int(self.params["batch_size"]), num_workers=0)
-        chunks = []
+        x = None  # [N, P, d'], filled batch by batch (no second copy from a concatenation)
         with torch.no_grad():
             for batch in tqdm(loader, desc="padim features", leave=False, disable=None):
-                e = self.embed(batch["image"].to(self.device))
-                chunks.append(e.flatten(2).transpose(1, 2))  # [b, P, d']
-        x = torch.cat(chunks)
-        del chunks
-        mean, cov = fit_gaussian(x, reg=float(self.params["reg"]), dtype=torch.float64)
-        factor = cholesky_inverse_factor(cov)
-        del cov
-        self.mean = mean.float()
+                e = self.embed(batch["image"].to(self.device)).flatten(2).transpose(1, 2)  # [b, P, d']
+                if x is None:
+                    x, n = e.new_empty(len(dataset), *e.shape[1:]), 0
+                x[n:n + e.shape[0]] = e
+                n += e.shape[0]
+        # Gaussian and inverse factor per block of positions, in float64: the temporaries stay
+        # small (one block of covariances), only the packed factors are kept.
+        p, d = x.shape[1:]
         rows, cols = self._tril
-        self.factor_packed = factor[:, rows, cols].float().contiguous()
+        self.mean = x.new_empty(p, d)
+        self.factor_packed = x.new_empty(p, rows.numel())
+        step = max(1, (64 * 2**20) // (8 * d * d))
+        for lo in range(0, p, step):
+            mean, cov = fit_gaussian(x[:, lo:lo + step], reg=float(self.params["reg"]), dtype=torch.float64)
+            self.mean[lo:lo + step] = mean.float()
+            self.factor_packed[lo:lo + step] = cholesky_inverse_factor(cov)[:, rows, cols].float()
         self._factor = None
 
     def factor(self) -> torch.Tensor:

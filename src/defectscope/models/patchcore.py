@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.train import auto_device, seed_everything
-from ..ops import greedy_coreset, knn
+from ..ops import NearestNeighbors, greedy_coreset
 from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
 from .base import Prediction, register
 
@@ -124,7 +124,7 @@ class PatchCore(BackboneModel):
         e = self.embed(images)
         b, d, h, w = e.shape
         queries = e.permute(0, 2, 3, 1).reshape(-1, d)
-        dist, idx = knn(queries, self.memory_bank, k=1)
+        dist, idx = self.index().query(queries, k=1)
         patch = dist[:, 0].view(b, h * w)
         nn_idx = idx[:, 0].view(b, h * w)
         score, where = patch.max(dim=1)
@@ -132,12 +132,19 @@ class PatchCore(BackboneModel):
                                        nn_idx[torch.arange(b), where])
         return Prediction(score=score, anomaly_map=self.postprocess(patch.view(b, h, w)))
 
+    def index(self) -> NearestNeighbors:
+        """The k-NN index of the memory bank, built once per bank (centred bank, norms)."""
+        cached = getattr(self, "_index", None)
+        if cached is None or cached[0] is not self.memory_bank:
+            self._index = (self.memory_bank, NearestNeighbors(self.memory_bank))
+        return self._index[1]
+
     def _reweight(self, m_test: torch.Tensor, star: torch.Tensor) -> torch.Tensor:
         """Eq. 7: ``1 - softmax(|m_test - N_b(m*)|)[m*]`` for each image ``[B]``."""
         b = min(int(self.params["num_neighbors"]), self.memory_bank.shape[0])
         if b <= 1:
             return torch.ones(m_test.shape[0], device=m_test.device)
-        _, support = knn(self.memory_bank[star], self.memory_bank, k=b)  # N_b(m*)
+        _, support = self.index().query(self.memory_bank[star], k=b)  # N_b(m*)
         support[:, 0] = star  # m* is its own nearest neighbour (also under exact duplicates)
         d = torch.linalg.vector_norm(m_test.unsqueeze(1) - self.memory_bank[support], dim=-1)  # [B, b]
         return 1 - torch.softmax(d, dim=1)[:, 0]

@@ -16,13 +16,14 @@ from .gaussian import (
     ledoit_wolf,
     mahalanobis,
 )
-from .knn import faiss_available, knn
+from .knn import NearestNeighbors, faiss_available, knn
 
 __all__ = [
     "gaussian_blur",
     "gaussian_kernel1d",
     "upsample",
     "knn",
+    "NearestNeighbors",
     "faiss_available",
     "greedy_coreset",
     "coreset_projection",

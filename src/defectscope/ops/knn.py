@@ -14,7 +14,7 @@ import importlib.util
 
 import torch
 
-__all__ = ["knn", "faiss_available"]
+__all__ = ["knn", "NearestNeighbors", "faiss_available"]
 
 _DEFAULT_BUDGET = 256 * 2**20  # bytes of distance matrix per block
 _FAISS_MIN_WORK = 2**31  # N * M above which backend="auto" uses faiss (when it is installed)
@@ -23,6 +23,51 @@ _FAISS_MIN_WORK = 2**31  # N * M above which backend="auto" uses faiss (when it 
 def faiss_available() -> bool:
     """Whether ``import faiss`` would work (does not import it)."""
     return importlib.util.find_spec("faiss") is not None
+
+
+class NearestNeighbors:
+    """Exact k-NN search against a fixed ``bank`` [M, D]: the bank is centred on its mean and its
+    squared norms computed once, so repeated queries (PatchCore scoring image after image) pay
+    only for the distance products. :meth:`query` returns what :func:`knn` returns."""
+
+    def __init__(self, bank: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        if bank.ndim != 2:
+            raise ValueError(f"bank [M, D] expected, got {tuple(bank.shape)}")
+        self.dtype = dtype or (torch.float64 if bank.dtype == torch.float64 else torch.float32)
+        with torch.no_grad():
+            bank_f = bank.detach().to(self.dtype)
+            self.mu = bank_f.mean(dim=0, keepdim=True)
+            self.bank_c = (bank_f - self.mu).contiguous()
+            self.bank_sq = torch.einsum("md,md->m", self.bank_c, self.bank_c).unsqueeze(0)  # [1, M]
+
+    def query(self, query: torch.Tensor, k: int = 1, block_size: int | None = None, backend: str = "auto", *,
+              memory_budget: int = _DEFAULT_BUDGET) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` nearest bank rows of each row of ``query`` [N, D]; see :func:`knn`."""
+        bank_c = self.bank_c
+        if query.ndim != 2 or query.shape[1] != bank_c.shape[1]:
+            raise ValueError(f"query [N, D] and bank [M, D] expected, got {tuple(query.shape)} and "
+                             f"{tuple(bank_c.shape)}")
+        n, m = query.shape[0], bank_c.shape[0]
+        if not 1 <= k <= m:
+            raise ValueError(f"k must be in [1, {m}] (the bank size), got {k}")
+        if backend not in ("auto", "torch", "faiss"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
+        if backend == "auto":
+            use_faiss = (query.device.type == "cpu" and bank_c.device.type == "cpu"
+                         and n * m >= _FAISS_MIN_WORK and faiss_available())
+            backend = "faiss" if use_faiss else "torch"
+        with torch.no_grad():
+            mu, bank_sq = self.mu.to(query.device), self.bank_sq.to(query.device)
+            bank_c = bank_c.to(query.device)
+            q = query.detach().to(self.dtype)
+            if n == 0:
+                return (torch.empty(0, k, dtype=self.dtype, device=query.device),
+                        torch.empty(0, k, dtype=torch.int64, device=query.device))
+            if backend == "faiss":
+                idx = _faiss_candidates(q - mu, bank_c, k)
+            else:
+                idx = _torch_candidates(q, mu, bank_c, bank_sq, k, block_size, memory_budget)
+            return _refine(q, mu, bank_c, idx, memory_budget)
 
 
 def knn(
@@ -40,9 +85,10 @@ def knn(
         query: [N, D].
         bank: [M, D], M >= k.
         k: number of neighbours.
-        block_size: query rows per block (torch backend); default from ``memory_budget``
-            (bytes of the [rows, M] distance block, 256 MB by default). A bank too large for the
-            budget is split as well and the per-block top-k are merged.
+        block_size: query rows per block (torch backend); default: blocks whose [rows, M]
+            distance matrix stays small enough to be reduced while still in cache, within
+            ``memory_budget`` (bytes, 256 MB by default). A bank too large for the budget is
+            split as well and the per-block top-k are merged.
         backend: ``"torch"``, ``"faiss"`` (``faiss.IndexFlatL2``; CPU), or ``"auto"``: faiss when
             it is installed, the tensors are on the CPU and ``N * M >= 2**31``, torch otherwise.
 
@@ -54,39 +100,16 @@ def knn(
     if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
         raise ValueError(f"query [N, D] and bank [M, D] expected, got {tuple(query.shape)} and "
                          f"{tuple(bank.shape)}")
-    n, m = query.shape[0], bank.shape[0]
-    if not 1 <= k <= m:
-        raise ValueError(f"k must be in [1, {m}] (the bank size), got {k}")
-    if backend not in ("auto", "torch", "faiss"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
-    if backend == "auto":
-        use_faiss = (query.device.type == "cpu" and bank.device.type == "cpu"
-                     and n * m >= _FAISS_MIN_WORK and faiss_available())
-        backend = "faiss" if use_faiss else "torch"
-
     dtype = torch.float64 if torch.float64 in (query.dtype, bank.dtype) else torch.float32
-    with torch.no_grad():
-        bank_f = bank.detach().to(device=query.device, dtype=dtype)
-        mu = bank_f.mean(dim=0, keepdim=True)
-        bank_c = (bank_f - mu).contiguous()
-        del bank_f
-        q = query.detach().to(dtype)
-        if n == 0:
-            return (torch.empty(0, k, dtype=dtype, device=query.device),
-                    torch.empty(0, k, dtype=torch.int64, device=query.device))
-        if backend == "faiss":
-            idx = _faiss_candidates(q - mu, bank_c, k)
-        else:
-            idx = _torch_candidates(q, mu, bank_c, k, block_size, memory_budget)
-        return _refine(q, mu, bank_c, idx, memory_budget)
+    index = NearestNeighbors(bank.detach().to(query.device), dtype=dtype)
+    return index.query(query, k, block_size, backend, memory_budget=memory_budget)
 
 
-def _torch_candidates(q, mu, bank_c, k, block_size, budget):
+def _torch_candidates(q, mu, bank_c, bank_sq, k, block_size, budget):
     n, d = q.shape
     m = bank_c.shape[0]
     elem = bank_c.element_size()
     budget_elems = max(1, int(budget) // elem)
-    bank_sq = torch.einsum("md,md->m", bank_c, bank_c).unsqueeze(0)  # [1, M]
     if block_size is not None:
         rows = max(1, min(n, int(block_size)))
     elif budget_elems // m >= 64:
