@@ -38,7 +38,9 @@ class NearestNeighbors:
             bank_f = bank.detach().to(self.dtype)
             self.mu = bank_f.mean(dim=0, keepdim=True)
             self.bank_c = (bank_f - self.mu).contiguous()
-            self.bank_sq = torch.einsum("md,md->m", self.bank_c, self.bank_c).unsqueeze(0)  # [1, M]
+            bank_sq = torch.einsum("md,md->m", self.bank_c, self.bank_c)
+            # [D+1, M]: one matrix product of [q, 1] with it gives |b|^2 - 2 q.b, no bias pass
+            self.bank_aug_t = torch.cat([-2 * self.bank_c, bank_sq.unsqueeze(1)], dim=1).T.contiguous()
 
     def query(self, query: torch.Tensor, k: int = 1, block_size: int | None = None, backend: str = "auto", *,
               memory_budget: int = _DEFAULT_BUDGET) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +59,7 @@ class NearestNeighbors:
                          and n * m >= _FAISS_MIN_WORK and faiss_available())
             backend = "faiss" if use_faiss else "torch"
         with torch.no_grad():
-            mu, bank_sq = self.mu.to(query.device), self.bank_sq.to(query.device)
+            mu, bank_aug_t = self.mu.to(query.device), self.bank_aug_t.to(query.device)
             bank_c = bank_c.to(query.device)
             q = query.detach().to(self.dtype)
             if n == 0:
@@ -66,7 +68,7 @@ class NearestNeighbors:
             if backend == "faiss":
                 idx = _faiss_candidates(q - mu, bank_c, k)
             else:
-                idx = _torch_candidates(q, mu, bank_c, bank_sq, k, block_size, memory_budget)
+                idx = _torch_candidates(q, mu, bank_aug_t, k, block_size, memory_budget)
             return _refine(q, mu, bank_c, idx, memory_budget)
 
 
@@ -105,27 +107,33 @@ def knn(
     return index.query(query, k, block_size, backend, memory_budget=memory_budget)
 
 
-def _torch_candidates(q, mu, bank_c, bank_sq, k, block_size, budget):
+_CACHE_BLOCK = 16 * 2**20  # bytes of distance block reduced while it is still in (L3) cache
+
+
+def _torch_candidates(q, mu, bank_aug_t, k, block_size, budget):
     n, d = q.shape
-    m = bank_c.shape[0]
-    elem = bank_c.element_size()
+    m = bank_aug_t.shape[1]
+    elem = bank_aug_t.element_size()
     budget_elems = max(1, int(budget) // elem)
     if block_size is not None:
         rows = max(1, min(n, int(block_size)))
     elif budget_elems // m >= 64:
-        rows = min(n, budget_elems // m, 4096)
+        rows = min(n, max(32, _CACHE_BLOCK // (elem * m)), budget_elems // m)
     else:  # a bank too large for the budget: 64 query rows against bank blocks
         rows = min(n, 64)
     cols = max(k, min(m, budget_elems // rows))  # bank block (the whole bank unless huge)
     out = torch.empty(n, k, dtype=torch.int64, device=q.device)
+    qa = torch.empty(rows, d + 1, dtype=q.dtype, device=q.device)
+    qa[:, d] = 1.0
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
-        qb = q[lo:hi] - mu
+        qb = qa[: hi - lo]
+        torch.sub(q[lo:hi], mu, out=qb[:, :d])
         best_d = best_i = None
         for c0 in range(0, m, cols):
             c1 = min(m, c0 + cols)
-            # |b|^2 - 2 q.b; |q|^2 is the same along a row, not needed for the ranking
-            d2 = torch.addmm(bank_sq[:, c0:c1], qb, bank_c[c0:c1].T, alpha=-2)
+            # [q, 1] . [-2 b, |b|^2] = |b|^2 - 2 q.b; |q|^2 is the same along a row, not needed
+            d2 = torch.mm(qb, bank_aug_t[:, c0:c1])
             kk = min(k, c1 - c0)
             if kk == 1:
                 vals, ids = torch.min(d2, dim=1, keepdim=True)
