@@ -133,6 +133,22 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
+def wait_for_quiet(max_load: float | None, max_wait: float = 1800.0, poll: float = 10.0) -> float:
+    """Wait until the 1-minute load average is at most ``max_load`` (other processes competing
+    for the cores distort every timing; on a shared machine, see the load recorded with each
+    run), at most ``max_wait`` seconds; returns the load average at the end. ``None``: no wait."""
+    load = os.getloadavg()[0]
+    if max_load is None:
+        return load
+    t0 = time.monotonic()
+    while load > max_load and time.monotonic() - t0 < max_wait:
+        time.sleep(poll)
+        load = os.getloadavg()[0]
+    if load > max_load:
+        _log(f"load average still {load:.2f} > {max_load} after {max_wait:.0f}s; running anyway")
+    return load
+
+
 def _log(msg: str) -> None:
     print(f"[harness {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -187,7 +203,7 @@ finally:
 
 
 def run_ours(model: str, params: dict, root: Path, category: str, threads: int, out_json: Path,
-             seed: int = 0, timeout: float | None = 7200) -> dict:
+             seed: int = 0, timeout: float | None = 7200, quiet_load: float | None = None) -> dict:
     """defectscope's side in a fresh process; ``{"error": "not implemented: ...",
     "not_implemented": True}`` when the model (or the package) is not there yet."""
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -195,17 +211,23 @@ def run_ours(model: str, params: dict, root: Path, category: str, threads: int, 
     env = _env(threads)
     env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-c", _OURS, str(threads), str(out_json), json.dumps(spec)]
-    _log(f"defectscope {model} {category} ...")
+    load = wait_for_quiet(quiet_load)
+    out_json.unlink(missing_ok=True)
+    _log(f"defectscope {model} {category} (load average {load:.2f}) ...")
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"library": "defectscope", "model": model, "error": f"timed out after {timeout} s"}
     rec = json.loads(out_json.read_text()) if out_json.is_file() else {"error": "no record written"}
-    if proc.returncode != 0 and not rec.get("error"):
+    rec["returncode"] = proc.returncode
+    if proc.returncode < 0:  # e.g. the OOM killer, or someone else's kill
+        rec["error"] = f"killed by signal {-proc.returncode} ({rec.get('error') or 'no record written'})"
+    elif proc.returncode != 0 and not rec.get("error"):
         rec["error"] = f"exit {proc.returncode}"
     if rec.get("error") and not rec.get("not_implemented"):
         rec["stderr_tail"] = _tail(proc.stderr)
+    rec["load_at_start"] = load
     _log(f"defectscope {model} {category}: {time.perf_counter() - t0:.0f}s "
          f"{'-> ' + rec['error'] if rec.get('error') else ''}")
     return rec
@@ -221,7 +243,8 @@ def reference_python() -> Path:
 
 
 def run_reference(model: str, args: dict, root: Path, category: str, threads: int, out_json: Path,
-                  image_size: int = 256, seed: int = 0, timeout: float | None = 7200) -> dict:
+                  image_size: int = 256, seed: int = 0, timeout: float | None = 7200,
+                  quiet_load: float | None = None) -> dict:
     """anomalib's side (``reference_anomalib.py`` in the reference venv); its metrics are then
     recomputed from the dumped arrays with defectscope's ``compute_metrics``."""
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -236,14 +259,19 @@ def run_reference(model: str, args: dict, root: Path, category: str, threads: in
             cmd.append(flag)
         else:
             cmd += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
-    _log(f"anomalib {model} {category} ...")
+    load = wait_for_quiet(quiet_load)
+    out_json.unlink(missing_ok=True)
+    _log(f"anomalib {model} {category} (load average {load:.2f}) ...")
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=_env(threads), cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"library": "anomalib", "model": model, "error": f"timed out after {timeout} s"}
     rec = json.loads(out_json.read_text()) if out_json.is_file() else {"error": "no record written"}
-    if proc.returncode != 0 and not rec.get("error"):
+    rec["returncode"] = proc.returncode
+    if proc.returncode < 0:  # e.g. the OOM killer, or someone else's kill
+        rec["error"] = f"killed by signal {-proc.returncode} ({rec.get('error') or 'no record written'})"
+    elif proc.returncode != 0 and not rec.get("error"):
         rec["error"] = f"exit {proc.returncode}"
     if rec.get("error"):
         rec["stderr_tail"] = _tail(proc.stderr)
@@ -251,6 +279,7 @@ def run_reference(model: str, args: dict, root: Path, category: str, threads: in
         rec["anomalib_raw_metrics"] = {k: rec.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
         rec.update(reference_metrics(rec))
     rec["command"] = " ".join(cmd)
+    rec["load_at_start"] = load
     _log(f"anomalib {model} {category}: {time.perf_counter() - t0:.0f}s "
          f"{'-> ' + rec['error'] if rec.get('error') else ''}")
     return rec
@@ -297,7 +326,7 @@ def _median(values: list) -> float | None:
 def run_case(case: Case, root: Path, category: str, *, threads: int = 2, repeats: int = 1,
              image_size: int = 256, seed: int = 0, skip_reference: bool = False,
              skip_ours: bool = False, out_dir: Path = DEFAULT_OUT_DIR,
-             timeout: float | None = 7200) -> dict:
+             timeout: float | None = 7200, quiet_load: float | None = None) -> dict:
     """Run ``case`` ``repeats`` times on both sides, interleaved: ours, reference, ours, ..."""
     runs_dir = Path(out_dir) / "runs"
     ours_runs, ref_runs = [], []
@@ -306,7 +335,8 @@ def run_case(case: Case, root: Path, category: str, *, threads: int = 2, repeats
         tag = f"{case.name}_{category}_r{i}"
         if not skip_ours:
             rec = run_ours(case.ours_model, {**case.ours, "image_size": image_size}, root, category,
-                           threads, runs_dir / f"ours_{tag}.json", seed=seed, timeout=timeout)
+                           threads, runs_dir / f"ours_{tag}.json", seed=seed, timeout=timeout,
+                           quiet_load=quiet_load)
             ours_runs.append(rec)
             for our_key, ref_key in case.link.items():
                 value = (rec.get("params") or {}).get(our_key)
@@ -317,7 +347,7 @@ def run_case(case: Case, root: Path, category: str, *, threads: int = 2, repeats
         if not skip_reference:
             ref_runs.append(run_reference(case.ref_model, ref_args, root, category, threads,
                                           runs_dir / f"anomalib_{tag}.json", image_size=image_size,
-                                          seed=seed, timeout=timeout))
+                                          seed=seed, timeout=timeout, quiet_load=quiet_load))
     return {"case": case.name, "category": category, "ours": ours_runs, "reference": ref_runs,
             "reference_args": ref_args, "notes": case.notes}
 
@@ -386,6 +416,12 @@ def markdown(results: list[dict], title: str, threads: int, extra_header: Sequen
             r = ok_ours[-1]
             lines.append(f"- defectscope parameters: {json.dumps(r.get('params'), default=str)}"
                          + (f" (dropped, unknown to the model: {r['params_dropped']})" if r.get("params_dropped") else ""))
+        loads = [f"{side} " + ", ".join(f"{r['load_at_start']:.2f}" for r in res[key] if "load_at_start" in r)
+                 for side, key in (("defectscope", "ours"), ("anomalib", "reference"))
+                 if any("load_at_start" in r for r in res[key])]
+        if loads:
+            lines.append("- 1-min load average at the start of each run (other processes on the cores "
+                         "inflate every timing): " + "; ".join(loads))
         for note in res.get("notes") or []:
             lines.append(f"- {note}")
         lines.append("")
@@ -397,7 +433,7 @@ def run_comparison(cases: Sequence[Case], *, title: str, n_train: int = 200,
                    image_size: int = 256, seed: int = 0, skip_reference: bool = False,
                    skip_ours: bool = False, out: str | os.PathLike | None = None,
                    data_dir: str | os.PathLike | None = None, timeout: float | None = 7200,
-                   select: Callable[[Case], bool] | None = None) -> str:
+                   select: Callable[[Case], bool] | None = None, quiet_load: float | None = None) -> str:
     """Make the data, run every case on every category, write the table (Markdown) to ``out``
     and a JSON of all records next to it, print the table, and return it."""
     out_path = Path(out) if out else DEFAULT_OUT_DIR / f"{title.split()[0].lower()}.md"
@@ -416,7 +452,8 @@ def run_comparison(cases: Sequence[Case], *, title: str, n_train: int = 200,
                 continue
             results.append(run_case(case, root, category, threads=threads, repeats=repeats,
                                     image_size=image_size, seed=seed, skip_reference=skip_reference,
-                                    skip_ours=skip_ours, out_dir=out_path.parent, timeout=timeout))
+                                    skip_ours=skip_ours, out_dir=out_path.parent, timeout=timeout,
+                                    quiet_load=quiet_load))
             text = markdown(results, title, threads,
                             [f"data: {root} (synthetic, {n_train} training images, {image_size}x{image_size}, RGB)"])
             out_path.write_text(text + "\n")  # after every case, so a long run shows progress

@@ -11,8 +11,8 @@ both sides; metrics of both computed by defectscope's metric code; A/B interleav
 
 PatchCore: layers ``blocks.2``/``blocks.4`` (the stride-8/16 layers, ResNet layer2/3),
 coreset 10 %. PaDiM: layers ``blocks.1``/``blocks.2``/``blocks.4`` (strides 4/8/16, ResNet
-layer1/2/3); anomalib has no default feature count for this backbone: the reference uses
-defectscope's resolved value when its model reports one, else 100 (anomalib's ResNet18 value).
+layer1/2/3), 100 random feature dimensions on both sides (``--padim-features``; anomalib has no
+default for this backbone and raises without one; 100 is its ResNet18 value and defectscope's).
 Results: ``--out`` (default ``defectscope-bench/compare/memory_bank.md``) + a JSON of every
 record next to it; per-run JSON / arrays under ``runs/`` beside it.
 """
@@ -31,10 +31,22 @@ BACKBONE_OURS = "efficientnet_lite0"
 BACKBONE_REF = "tf_efficientnet_lite0"
 
 
-def cases(coreset_ratio: float) -> list[Case]:
+def cases(coreset_ratio: float, padim_features: int = 100) -> list[Case]:
     patchcore_layers = ["blocks.2", "blocks.4"]
     padim_layers = ["blocks.1", "blocks.2", "blocks.4"]
     return [
+        Case(
+            name="padim", ours_model="padim", ref_model="padim",
+            ours={"backbone": BACKBONE_OURS, "layers": padim_layers, "n_features": padim_features,
+                  "channels": 3},
+            reference={"backbone": BACKBONE_REF, "layers": padim_layers, "n_features": padim_features},
+            notes=[
+                f"PaDiM keeps {padim_features} of the 176 feature dimensions (24 + 40 + 112), chosen at "
+                "random on each side by its own generator: the subsets differ",
+                "anomalib PaDiM stores the full inverse covariance per position (float32, d^2); "
+                "defectscope the packed triangular factor (d(d+1)/2)",
+            ],
+        ),
         Case(
             name="patchcore", ours_model="patchcore", ref_model="patchcore",
             ours={"backbone": BACKBONE_OURS, "layers": patchcore_layers, "coreset_ratio": coreset_ratio,
@@ -45,12 +57,6 @@ def cases(coreset_ratio: float) -> list[Case]:
                 "concatenation (152-d patches); defectscope: the authors' adaptive-average-pooled "
                 "aggregation (112-d) and a 128-d random projection for the coreset search",
             ],
-        ),
-        Case(
-            name="padim", ours_model="padim", ref_model="padim",
-            ours={"backbone": BACKBONE_OURS, "layers": padim_layers, "channels": 3},
-            reference={"backbone": BACKBONE_REF, "layers": padim_layers, "n_features": None},
-            link={"n_features": "n_features", "d_reduced": "n_features", "feature_dim": "n_features"},
         ),
     ]
 
@@ -65,22 +71,26 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--coreset-ratio", type=float, default=0.1)
+    p.add_argument("--padim-features", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-reference", action="store_true", help="run defectscope only")
     p.add_argument("--skip-ours", action="store_true", help="run the reference only")
     p.add_argument("--data-dir", default=None, help="write / reuse the synthetic set here "
                    "(default: defectscope's cache)")
     p.add_argument("--timeout", type=float, default=7200, help="seconds per run (default 7200)")
+    p.add_argument("--quiet-load", type=float, default=None, help="before each run, wait (up to 30 "
+                   "min) until the 1-min load average is at most this (e.g. 0.5 on a shared machine)")
     p.add_argument("--out", default=str(DEFAULT_OUT_DIR / "memory_bank.md"), help="Markdown table")
     args = p.parse_args(argv)
 
     wanted = {m.strip() for m in args.models.split(",") if m.strip()}
     run_comparison(
-        cases(args.coreset_ratio), title="Memory-bank methods: defectscope vs anomalib 2.7.0",
+        cases(args.coreset_ratio, args.padim_features), title="Memory-bank methods: defectscope vs anomalib 2.7.0",
         n_train=args.n_train, categories=[c.strip() for c in args.categories.split(",") if c.strip()],
         repeats=args.repeats, threads=args.threads, image_size=args.image_size, seed=args.seed,
         skip_reference=args.skip_reference, skip_ours=args.skip_ours, out=args.out,
         data_dir=args.data_dir, timeout=args.timeout, select=lambda c: c.name in wanted,
+        quiet_load=args.quiet_load,
     )
     return 0
 

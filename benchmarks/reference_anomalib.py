@@ -391,6 +391,11 @@ def hardware() -> dict:
 
 
 def main(args) -> dict:
+    if args.model == "efficientad":
+        raise SystemExit(
+            "efficientad: anomalib downloads its pretrained teacher (to ~/.cache/anomalib/pre_trained) "
+            "and the imagenette set at fit time; it cannot run offline as published"
+        )
     out_path = Path(args.out).expanduser().resolve()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stem = out_path.with_suffix("")
@@ -424,7 +429,7 @@ def main(args) -> dict:
     record["weights"] = ensure_hf_weights(args.backbone)
     seed_everything(args.seed, workers=True)
 
-    layers = args.layers.split(",") if args.layers else DEFAULT_LAYERS[args.model]
+    layers = args.layers.split(",") if args.layers else DEFAULT_LAYERS.get(args.model, [])
     pre = build_pre_processor(args, record["weights"]["mean"], record["weights"]["std"])
     evaluator = build_evaluator()
     lm, params = build_model(args, layers, pre, evaluator)
@@ -521,16 +526,22 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
+    def _fail(error: str) -> None:
+        Path(ARGS.out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(ARGS.out).expanduser().write_text(json.dumps(
+            {"library": "anomalib", "model": ARGS.model, "category": ARGS.category, "error": error}, indent=2))
+
     try:
         main(ARGS)
-    except SystemExit:
+    except SystemExit as exc:  # a refusal with a message (efficientad offline, unknown backbone...)
+        if exc.code not in (0, None):
+            _fail(str(exc.code))
         raise
     except BaseException as exc:  # leave a record saying what failed
         import traceback
 
         traceback.print_exc()
         try:
-            Path(ARGS.out).write_text(json.dumps({"library": "anomalib", "model": ARGS.model,
-                                                  "category": ARGS.category, "error": repr(exc)}, indent=2))
+            _fail(repr(exc))
         finally:
             sys.exit(1)
