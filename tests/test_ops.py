@@ -144,6 +144,19 @@ def test_knn_matches_cdist(k, kwargs):
     assert bool((dist[:, 1:] >= dist[:, :-1]).all())
 
 
+@pytest.mark.parametrize("m", [100, 512, 700, 1300])
+def test_two_level_argmin_equals_torch_min_with_ties(m):
+    from defectscope.ops.knn import _argmin_rows
+
+    g = torch.Generator().manual_seed(m)
+    d = torch.randint(0, 40, (300, m), generator=g).float()  # many ties: first index must win
+    d[5, :] = 7.0  # a row of equal values
+    d[6, -3] = -1.0  # minimum in the remainder columns
+    vals, ids = _argmin_rows(d)
+    rv, ri = torch.min(d, dim=1, keepdim=True)
+    assert torch.equal(vals, rv) and torch.equal(ids, ri)
+
+
 def test_knn_float64_exact_match_and_errors():
     g = torch.Generator().manual_seed(3)
     q, b = torch.randn(50, 7, generator=g, dtype=torch.float64), torch.randn(40, 7, generator=g,

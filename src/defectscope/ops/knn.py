@@ -136,7 +136,7 @@ def _torch_candidates(q, mu, bank_aug_t, k, block_size, budget):
             d2 = torch.mm(qb, bank_aug_t[:, c0:c1])
             kk = min(k, c1 - c0)
             if kk == 1:
-                vals, ids = torch.min(d2, dim=1, keepdim=True)
+                vals, ids = _argmin_rows(d2)
             else:
                 vals, ids = torch.topk(d2, kk, dim=1, largest=False, sorted=False)
             if c0:
@@ -149,6 +149,31 @@ def _torch_candidates(q, mu, bank_aug_t, k, block_size, budget):
             best_d, best_i = vals, ids
         out[lo:hi] = best_i
     return out
+
+
+_ARGMIN_CHUNK = 256
+
+
+def _argmin_rows(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.min(d2, dim=1, keepdim=True)`` (values, first index of the minimum), computed in
+    two levels: the minimum of each 256-column chunk (``amin``, a vectorised reduction), the first
+    chunk holding the row minimum, then the first index inside that chunk. Same result as
+    ``torch.min``, about 7x faster on the CPU, where the index-tracking reduction is not vectorised."""
+    r, m = d2.shape
+    c = _ARGMIN_CHUNK
+    g = m // c
+    if g < 2:
+        return torch.min(d2, dim=1, keepdim=True)
+    main = d2[:, : g * c].view(r, g, c)
+    chunk_min = main.amin(dim=2)  # [r, g]
+    vals, chunk = chunk_min.min(dim=1)  # first chunk with the row minimum
+    ids = chunk * c + main[torch.arange(r, device=d2.device), chunk].argmin(dim=1)
+    if g * c < m:  # the remainder columns, taken only where strictly smaller (first index wins)
+        rv, ri = torch.min(d2[:, g * c:], dim=1)
+        better = rv < vals
+        vals = torch.where(better, rv, vals)
+        ids = torch.where(better, ri + g * c, ids)
+    return vals.unsqueeze(1), ids.unsqueeze(1)
 
 
 def _faiss_candidates(q_c, bank_c, k):
