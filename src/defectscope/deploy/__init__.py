@@ -1,1 +1,6 @@
-"""Deployment: batch inference over files (thresholds, inferencer and export build on it)."""
+"""Deployment: calibrated thresholds (:mod:`.threshold`), the :class:`Inferencer` for line
+applications (:mod:`.inferencer`) and batch inference over files (:mod:`.predict`)."""
+
+from .threshold import DEFAULT_FPR, Calibration, calibrate, calibrate_scores
+
+__all__ = ["DEFAULT_FPR", "Calibration", "calibrate", "calibrate_scores"]

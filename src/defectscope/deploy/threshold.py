@@ -1,0 +1,307 @@
+"""Calibrated thresholds and normalised scores, stored with the model.
+
+A model's raw scores have no fixed scale (a PaDiM image score may be 13.6, an autoencoder's 0.002).
+:func:`calibrate` turns them into a decision learnt on a **validation split taken from the
+training side** (never the test set), and a normalised score in ``(0, 1)`` whose 0.5 is the
+threshold:
+
+* **Image threshold** ``t``: with labelled anomalous validation images, the F1-optimal threshold
+  (:func:`defectscope.metrics.f1_max_threshold`, moved down to the midpoint towards the next lower
+  validation score, which keeps the same F1 and leaves a margin); otherwise, from normal images
+  only, the lowest threshold that keeps the false-alarm rate on the normal validation images at or
+  below ``fpr`` (default :data:`DEFAULT_FPR` = 1 %): with ``k = floor(fpr * n)`` allowed false
+  alarms among ``n`` normal scores, ``t`` lies midway between the ``(k+1)``-th and the ``k``-th
+  largest normal score (above the largest, by half the last gap, when ``k = 0``).
+* **Pixel (mask) threshold** ``t_px``, separately, the same way over the pixels of the anomaly
+  maps: F1-optimal over the pixels when anomalous validation images come with masks, otherwise at
+  the pixel false-alarm rate ``pixel_fpr`` (default: ``fpr``) over the pixels of the normal
+  validation maps.
+* **Normalisation** (one formula for scores and maps, pure torch, traceable by an ONNX exporter)::
+
+      normalised(s) = sigmoid((s - t) / scale)        # exactly 0.5 at s = t
+      scale = (t - median of the normal validation scores) / ln 9
+
+  so the typical normal image scores 0.1, the threshold 0.5, and the scale never saturates or
+  clips (unlike min-max normalisation, which flags everything once a score exceeds the
+  validation maximum). If the threshold is not above the normal median (a model that cannot
+  separate), ``scale`` falls back to the standard deviation of the validation scores.
+* **Verdict**: ``score >= t`` is a defect (the convention of :mod:`defectscope.metrics`), the same
+  as ``normalised >= 0.5`` up to float rounding at the threshold itself; a mask pixel is a
+  defect when ``map >= t_px``.
+
+Example::
+
+    cal = calibrate(model, normal_val)                 # or anomalous=labelled_val_set
+    cal.normalize(torch.tensor([cal.image_threshold])) # tensor([0.5])
+    model.calibration = cal; model.save("out/model")   # stored in config.json
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from ..errors import DefectscopeError, ModelFileError
+
+__all__ = ["DEFAULT_FPR", "Calibration", "calibrate", "calibrate_scores", "normalize", "fpr_threshold",
+           "f1_threshold", "MAX_CALIBRATION_PIXELS"]
+
+#: Default false-alarm rate for thresholds learnt from normal images only (1 % of normal images).
+DEFAULT_FPR = 0.01
+#: At most this many pixel scores enter a pixel quantile (a seeded random subset beyond it).
+MAX_CALIBRATION_PIXELS = 1 << 23
+_LN9 = math.log(9.0)  # sigmoid(-ln 9) = 0.1: where the median normal score lands
+
+
+def normalize(score: torch.Tensor, threshold: float, scale: float) -> torch.Tensor:
+    """``sigmoid((score - threshold) / scale)``: 0.5 at the threshold; any shape, pure torch."""
+    return torch.sigmoid((score - threshold) / scale)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A model's decision rule, learnt on validation data of the training side.
+
+    Attributes:
+        image_threshold: raw image score at and above which an image is a defect.
+        image_scale: scale of the normalisation (``> 0``): ``sigmoid((s - t) / scale)``.
+        pixel_threshold: raw map value at and above which a pixel is in the mask (``None`` for
+            methods without maps).
+        pixel_scale: the maps' normalisation scale (``None`` without maps).
+        method: ``"fpr"`` (normal images only) or ``"f1"`` (labelled anomalies given); the pixel
+            threshold's method is ``pixel_method`` (``"f1"`` needs masks).
+        fpr: the false-alarm rate asked for (``None`` for ``"f1"``); ``pixel_fpr`` likewise.
+        n_normal, n_anomalous: validation images used.
+        val_fpr: false-alarm rate reached on the normal validation images; ``val_f1``: F1 on the
+            validation images (``None`` without anomalies); ``val_pixel_fpr`` / ``val_pixel_f1``
+            the same for pixels.
+    """
+
+    image_threshold: float
+    image_scale: float
+    pixel_threshold: Optional[float] = None
+    pixel_scale: Optional[float] = None
+    method: str = "fpr"
+    pixel_method: Optional[str] = None
+    fpr: Optional[float] = DEFAULT_FPR
+    pixel_fpr: Optional[float] = None
+    n_normal: int = 0
+    n_anomalous: int = 0
+    val_fpr: Optional[float] = None
+    val_f1: Optional[float] = None
+    val_pixel_fpr: Optional[float] = None
+    val_pixel_f1: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        for name in ("image_threshold", "image_scale"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"calibration: {name} must be a finite number, got {v!r}")
+        if self.image_scale <= 0:
+            raise ValueError(f"calibration: image_scale must be > 0, got {self.image_scale!r}")
+        if (self.pixel_threshold is None) != (self.pixel_scale is None):
+            raise ValueError("calibration: pixel_threshold and pixel_scale go together")
+        if self.pixel_threshold is not None:
+            if not (math.isfinite(self.pixel_threshold) and math.isfinite(self.pixel_scale) and self.pixel_scale > 0):
+                raise ValueError(f"calibration: bad pixel threshold/scale {self.pixel_threshold!r}/{self.pixel_scale!r}")
+        if self.method not in ("fpr", "f1"):
+            raise ValueError(f"calibration: method must be 'fpr' or 'f1', got {self.method!r}")
+
+    # -- the rule ---------------------------------------------------------------------------------
+    def normalize(self, score: torch.Tensor) -> torch.Tensor:
+        """Normalised image scores (any shape), 0.5 at :attr:`image_threshold`. Pure torch."""
+        return normalize(score, self.image_threshold, self.image_scale)
+
+    def normalize_map(self, amap: torch.Tensor) -> torch.Tensor:
+        """Normalised anomaly maps (any shape), 0.5 at :attr:`pixel_threshold`. Pure torch."""
+        if self.pixel_threshold is None:
+            raise DefectscopeError("this calibration has no pixel threshold (the model makes no maps)")
+        return normalize(amap, self.pixel_threshold, self.pixel_scale)
+
+    def verdict(self, score: torch.Tensor) -> torch.Tensor:
+        """``score >= image_threshold`` (bool, same shape): True = defect."""
+        return score >= self.image_threshold
+
+    def mask(self, amap: torch.Tensor) -> torch.Tensor:
+        """``amap >= pixel_threshold`` (bool, same shape): the defect mask."""
+        if self.pixel_threshold is None:
+            raise DefectscopeError("this calibration has no pixel threshold (the model makes no maps)")
+        return amap >= self.pixel_threshold
+
+    # -- JSON -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (all fields); inverse of :meth:`from_dict`."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: object = "calibration") -> "Calibration":
+        """Rebuild from :meth:`to_dict`; a missing or invalid field raises :class:`ModelFileError`."""
+        if not isinstance(d, Mapping):
+            raise ModelFileError(f"{source}: calibration is not a JSON object")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except (TypeError, ValueError) as e:
+            raise ModelFileError(f"{source}: invalid calibration ({e}); re-run 'defectscope calibrate'") from None
+
+    def describe(self) -> str:
+        """One line for people: the rule and how it was learnt."""
+        how = (f"F1-optimal on {self.n_normal} normal + {self.n_anomalous} anomalous validation images"
+               if self.method == "f1" else
+               f"false-alarm rate <= {self.fpr:g} on {self.n_normal} normal validation images")
+        px = "" if self.pixel_threshold is None else f", pixel threshold {self.pixel_threshold:.6g} ({self.pixel_method})"
+        return f"image threshold {self.image_threshold:.6g} ({how}){px}"
+
+
+# -- thresholds from scores --------------------------------------------------------------------------
+def _as_float_array(x, name: str) -> np.ndarray:
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    a = a.astype(np.float64, copy=False).ravel()
+    if a.size and not np.all(np.isfinite(a)):
+        raise DefectscopeError(f"calibration: {name} contain NaN or infinite values")
+    return a
+
+
+def _strictly_above(value: float, t: float) -> float:
+    """``t`` as float32 (the dtype scores come in), nudged up if rounding put it at ``value``."""
+    t32 = np.float32(t)
+    if t32 <= np.float32(value):
+        t32 = np.nextafter(np.float32(value), np.float32(np.inf))
+    return float(t32)
+
+
+def fpr_threshold(normal_scores, fpr: float = DEFAULT_FPR) -> float:
+    """Lowest-risk threshold with false-alarm rate ``<= fpr`` on ``normal_scores``.
+
+    With ``k = floor(fpr * n)`` allowed false alarms, the result lies midway between the
+    ``(k+1)``-th largest score (which must stay below it) and the ``k``-th largest (which may be
+    flagged); for ``k = 0``, above the maximum by half the gap to the second largest. So the
+    fraction of ``normal_scores >= threshold`` is at most ``fpr``.
+    """
+    if not 0.0 <= fpr < 1.0:
+        raise DefectscopeError(f"false-alarm rate must be in [0, 1), got {fpr!r}")
+    s = np.sort(_as_float_array(normal_scores, "normal scores"))[::-1]
+    if s.size == 0:
+        raise DefectscopeError("calibration needs at least one normal validation image")
+    k = int(math.floor(fpr * s.size + 1e-9))
+    lo = s[k]  # must stay below the threshold
+    if k >= 1:
+        hi = s[k - 1]
+    else:
+        gap = s[0] - s[1] if s.size > 1 else 0.0
+        hi = lo + (gap if gap > 0 else max(abs(lo), 1.0) * 1e-6)
+    return _strictly_above(lo, lo + 0.5 * (hi - lo))
+
+
+def f1_threshold(scores, labels) -> tuple[float, float]:
+    """F1-optimal threshold ``(f1, t)``: :func:`defectscope.metrics.f1_max_threshold`'s threshold
+    moved down to the midpoint towards the next lower score (same F1 on these scores, a margin
+    below the lowest flagged anomaly)."""
+    from ..metrics import f1_max_threshold
+
+    s = _as_float_array(scores, "scores")
+    y = np.asarray(labels.cpu().numpy() if isinstance(labels, torch.Tensor) else labels).ravel().astype(bool)
+    f1, t = f1_max_threshold(s, y)
+    if not math.isfinite(t):
+        raise DefectscopeError("F1 calibration needs both normal and anomalous validation images")
+    below = s[s < t]
+    if below.size:
+        lower = float(below.max())
+        t = _strictly_above(lower, lower + 0.5 * (t - lower))  # float32 midpoint: still <= t
+    return float(f1), float(t)
+
+
+def _scale(threshold: float, normal: np.ndarray, every: np.ndarray) -> float:
+    """``(t - median(normal)) / ln 9``, else the spread of ``every``, else a tiny positive number."""
+    med = float(np.median(normal)) if normal.size else threshold
+    scale = (threshold - med) / _LN9
+    if not scale > 0:
+        scale = float(np.std(every)) if every.size > 1 else 0.0
+    if not scale > 0:
+        scale = max(abs(threshold), 1.0) * 1e-6
+    return float(scale)
+
+
+def _subsample(a: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
+    if a.size <= limit:
+        return a
+    return a[np.random.default_rng(seed).choice(a.size, size=limit, replace=False)]
+
+
+def calibrate_scores(normal_scores, anomalous_scores=None, *, normal_maps=None, anomalous_maps=None,
+                     anomalous_masks=None, fpr: float = DEFAULT_FPR, pixel_fpr: float | None = None) -> Calibration:
+    """The :class:`Calibration` of validation predictions (see the module docstring).
+
+    Args:
+        normal_scores: ``[N]`` raw image scores of normal validation images.
+        anomalous_scores: ``[M]`` raw scores of labelled anomalous validation images, or None /
+            empty for the normal-only rule at ``fpr``.
+        normal_maps: ``[N, H, W]`` maps of the normal images (None for image-only methods).
+        anomalous_maps, anomalous_masks: ``[M, H, W]`` maps and 0/1 masks of the anomalous images;
+            with masks that mark some defect pixels the pixel threshold is F1-optimal, else it is
+            set at ``pixel_fpr`` (default ``fpr``) on the normal maps' pixels.
+    """
+    pixel_fpr = fpr if pixel_fpr is None else pixel_fpr
+    normal = _as_float_array(normal_scores, "normal scores")
+    anomal = _as_float_array(anomalous_scores if anomalous_scores is not None else [], "anomalous scores")
+    if normal.size == 0:
+        raise DefectscopeError("calibration needs at least one normal validation image")
+    if anomal.size:
+        val_f1, t = f1_threshold(np.concatenate([normal, anomal]),
+                                 np.concatenate([np.zeros(normal.size, bool), np.ones(anomal.size, bool)]))
+        method, used_fpr = "f1", None
+    else:
+        t, val_f1, method, used_fpr = fpr_threshold(normal, fpr), None, "fpr", float(fpr)
+    everything = np.concatenate([normal, anomal])
+    cal: dict[str, Any] = dict(
+        image_threshold=t, image_scale=_scale(t, normal, everything), method=method, fpr=used_fpr,
+        n_normal=int(normal.size), n_anomalous=int(anomal.size),
+        val_fpr=float(np.mean(normal >= t)), val_f1=val_f1,
+    )
+    if normal_maps is not None:
+        npix = _subsample(_as_float_array(normal_maps, "normal maps"), MAX_CALIBRATION_PIXELS)
+        masks = None if anomalous_masks is None else _as_float_array(anomalous_masks, "masks") > 0
+        if anomalous_maps is not None and masks is not None and masks.any():
+            apix = _as_float_array(anomalous_maps, "anomalous maps")
+            if apix.size != masks.size:
+                raise DefectscopeError(f"calibration: {apix.size} map pixels but {masks.size} mask pixels")
+            keep = _subsample(np.arange(apix.size), MAX_CALIBRATION_PIXELS, seed=1)
+            apix, masks = apix[keep], masks[keep]
+            pix_f1, tp = f1_threshold(np.concatenate([npix, apix]),
+                                      np.concatenate([np.zeros(npix.size, bool), masks]))
+            cal.update(pixel_method="f1", val_pixel_f1=pix_f1)
+        else:
+            tp = fpr_threshold(npix, pixel_fpr)
+            cal.update(pixel_method="fpr", pixel_fpr=float(pixel_fpr))
+        cal.update(pixel_threshold=tp, pixel_scale=_scale(tp, npix, npix),
+                   val_pixel_fpr=float(np.mean(npix >= tp)))
+    return Calibration(**cal)
+
+
+def calibrate(model, normal, anomalous=None, *, fpr: float = DEFAULT_FPR, pixel_fpr: float | None = None,
+              batch_size: int = 16) -> Calibration:
+    """Predict the validation data sets with ``model`` and return their :class:`Calibration`.
+
+    ``normal``: a data set of normal validation images (items with ``"image"``), taken from the
+    training side, never the test set. ``anomalous``: optional data set of labelled anomalous
+    validation images (items with ``"image"`` and, for an F1-optimal pixel threshold, ``"mask"``;
+    a data set with ``has_masks == False`` gives the pixel threshold at ``pixel_fpr``).
+    """
+    from ..engine.evaluate import predict_dataset
+
+    if normal is None or len(normal) == 0:
+        raise DefectscopeError("calibration needs normal validation images (use a validation split > 0)")
+    n = predict_dataset(model, normal, batch_size, desc="calibrate (normal)")
+    a = None
+    if anomalous is not None and len(anomalous):
+        a = predict_dataset(model, anomalous, batch_size, desc="calibrate (anomalous)")
+    with_masks = a is not None and a["maps"] is not None and getattr(anomalous, "has_masks", True)
+    return calibrate_scores(
+        n["scores"], a["scores"] if a is not None else None,
+        normal_maps=n["maps"], anomalous_maps=a["maps"] if with_masks else None,
+        anomalous_masks=a["masks"] if with_masks else None, fpr=fpr, pixel_fpr=pixel_fpr,
+    )
