@@ -110,6 +110,9 @@ class AnomalyModel(nn.Module):
             )
         self.params: dict[str, Any] = {**self.defaults, **params}
         self.fitted = False
+        #: The decision rule (:class:`defectscope.deploy.Calibration`), set by calibration on a
+        #: validation split of the training side and saved with the model; None until then.
+        self.calibration = None
 
     # -- what subclasses implement ------------------------------------------------------------
     def _build(self, pretrained: bool = True) -> None:

@@ -1,10 +1,12 @@
 """Saving and loading models: a directory with ``config.json`` and ``weights.safetensors``.
 
 Nothing is ever unpickled: tensors go through safetensors, everything else through JSON. The
-config records the model name, its hyper-parameters, the library versions that wrote it, the
-input preprocessing and the SHA-256 of the weights file; loading verifies the checksum and the
-format version and refuses a tampered, truncated or newer file with a clear error. Writing is
-atomic: the directory is written under a temporary name and renamed into place.
+config records the model name, its hyper-parameters, the backbone id, the library versions that
+wrote it, the input preprocessing, the calibrated thresholds (:class:`defectscope.deploy.Calibration`,
+``null`` if not calibrated), the SHA-256 of the weights file and the SHA-256 of the config itself
+(``config_sha256``, over its canonical JSON without that key). Loading verifies both checksums and
+the format version and refuses a tampered, truncated, mismatched or newer file with a clear error.
+Writing is atomic: the directory is written under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..data.transforms import Preprocess
 from ..errors import ModelFileError
 from .base import AnomalyModel, get_model_class
 
 FORMAT = "defectscope-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config_sha256, calibration, backbone (version 1 files still load)
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
 
@@ -35,6 +38,12 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _config_digest(config: dict) -> str:
+    """SHA-256 of the canonical JSON of ``config`` without its ``config_sha256`` key."""
+    body = {k: v for k, v in config.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -62,10 +71,14 @@ def save_model(model: AnomalyModel, path) -> Path:
             "model": model.name,
             "params": model.params,
             "extra": model.extra_config(),
-            "preprocess": {"image_size": model.image_size, "channels": model.channels},
+            "preprocess": {**Preprocess(model.image_size, model.channels).to_dict(),
+                           "value_range": [0.0, 1.0], "resize": "bilinear, antialiased, no crop"},
+            "backbone": _backbone_id(model),
+            "calibration": model.calibration.to_dict() if getattr(model, "calibration", None) else None,
             "versions": versions(),
             "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS)},
         }
+        config["config_sha256"] = _config_digest(config)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -78,6 +91,15 @@ def save_model(model: AnomalyModel, path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _backbone_id(model: AnomalyModel) -> dict | None:
+    """``{"name", "layers"}`` of a model built on a pretrained backbone, else None."""
+    name = model.params.get("backbone")
+    if not name:
+        return None
+    layers = getattr(model, "layers", None)
+    return {"name": str(name), "layers": list(layers) if layers is not None else None}
 
 
 def read_config(path) -> dict:
@@ -99,6 +121,12 @@ def read_config(path) -> dict:
             f"{cfg_file}: written by a newer defectscope (format {config['format_version']}, "
             f"this one reads {FORMAT_VERSION}); upgrade defectscope"
         )
+    if int(config.get("format_version", 0)) >= 2 and config.get("config_sha256") != _config_digest(config):
+        raise ModelFileError(f"{cfg_file}: checksum mismatch; the config was modified after it was saved "
+                             "(save the model again, or re-run 'defectscope calibrate' to change its threshold)")
+    for key in ("model", "params"):
+        if key not in config:
+            raise ModelFileError(f"{cfg_file}: no {key!r} entry; the model directory is damaged")
     return config
 
 
@@ -120,6 +148,14 @@ def load_model(path, map_location: str | torch.device = "cpu") -> AnomalyModel:
     model._build(pretrained=False)
     _assign_state(model, tensors, weights)
     model.load_extra_config(config.get("extra", {}))
+    pre = config.get("preprocess") or {}
+    if pre and Preprocess.from_dict(pre) != Preprocess(model.image_size, model.channels):
+        raise ModelFileError(f"{path / CONFIG}: preprocessing {pre} does not match the model's parameters "
+                             f"(image_size {model.image_size}, channels {model.channels}); the directory is damaged")
+    if config.get("calibration") is not None:
+        from ..deploy.threshold import Calibration
+
+        model.calibration = Calibration.from_dict(config["calibration"], source=path / CONFIG)
     model.fitted = True
     return model.eval()
 
