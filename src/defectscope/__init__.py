@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 
 from .errors import DefectscopeError  # noqa: E402
 from .models import Prediction, create_model, list_models, load_model  # noqa: E402
+from .deploy import Calibration, Inferencer  # noqa: E402
 
-__all__ = ["__version__", "DefectscopeError", "Prediction", "create_model", "list_models", "load_model"]
+__all__ = ["__version__", "DefectscopeError", "Prediction", "create_model", "list_models", "load_model", "Calibration", "Inferencer"]

@@ -16,7 +16,8 @@ from pathlib import Path
 from . import __version__
 from .errors import DefectscopeError
 
-EXIT_ERROR = 2
+EXIT_DEFECT = 1  # predict: at least one image is a defect
+EXIT_ERROR = 2  # bad input; predict: no defect found but some files could not be read
 
 
 def _parse_value(text: str):
@@ -81,13 +82,51 @@ def cmd_fit(args) -> int:
     params = _parse_params(args.param)
     if args.image_size:
         params["image_size"] = args.image_size
+    from .deploy.threshold import validation_split
+
     model = create_model(args.model, **params)
-    train = load_dataset(args.data, args.category, "train", image_size=model.image_size, channels=model.channels)
+    data = load_dataset(args.data, args.category, "train", image_size=model.image_size, channels=model.channels)
+    anomalies = _val_anomalies(args, model)
+    train, val = validation_split(data, args.val_fraction, seed=int(model.params.get("seed") or 0))
     t0 = time.perf_counter()
-    model.fit(train)
+    model.fit(train, val)
     fit_s = time.perf_counter() - t0
+    _calibrate(model, val, anomalies, args)
     model.save(args.out)
-    print(f"fitted {model.name} on {len(train)} images of {train.category or args.data} in {fit_s:.1f} s -> {args.out}")
+    print(f"fitted {model.name} on {len(train)} images of {data.category or args.data} in {fit_s:.1f} s -> {args.out}")
+    return 0
+
+
+def _val_anomalies(args, model):
+    from .deploy.threshold import image_folder_dataset
+
+    if not args.val_anomalies:
+        if args.val_masks:
+            raise DefectscopeError("--val-masks needs --val-anomalies")
+        return None
+    return image_folder_dataset(args.val_anomalies, 1, masks=args.val_masks, image_size=model.image_size,
+                                channels=model.channels)
+
+
+def _calibrate(model, val, anomalies, args) -> None:
+    from .deploy.threshold import calibrate
+
+    if val is None:
+        print("not calibrated (validation fraction 0): 'defectscope predict' needs 'defectscope calibrate' first",
+              file=sys.stderr)
+        return
+    model.calibration = calibrate(model, val, anomalies, fpr=args.fpr, pixel_fpr=args.pixel_fpr)
+    print(f"calibrated: {model.calibration.describe()}")
+
+
+def cmd_calibrate(args) -> int:
+    from .deploy.threshold import image_folder_dataset
+    from .models import load_model
+
+    model = load_model(args.model_dir)
+    normal = image_folder_dataset(args.normal, 0, image_size=model.image_size, channels=model.channels)
+    _calibrate(model, normal, _val_anomalies(args, model), args)
+    model.save(args.model_dir)
     return 0
 
 
@@ -109,9 +148,12 @@ def cmd_test(args) -> int:
 def cmd_predict(args) -> int:
     from .deploy.predict import predict_paths
 
-    summary = predict_paths(args.model_dir, args.paths, out_dir=args.out, heatmaps=not args.no_heatmaps)
-    print(f"scored {summary['scored']} image(s), skipped {summary['skipped']} -> {summary['csv']}")
-    return 0 if summary["skipped"] == 0 else 1
+    s = predict_paths(args.model_dir, args.paths, out_dir=args.out, heatmap=args.heatmaps, overlay=args.overlays,
+                      mask=args.masks, batch_size=args.batch_size, device=args.device)
+    print(f"scored {s['scored']} image(s): {s['defects']} defect(s); skipped {s['skipped']} unreadable -> {s['csv']}")
+    if s["defects"]:
+        return EXIT_DEFECT
+    return EXIT_ERROR if s["skipped"] else 0
 
 
 def cmd_bench(args) -> int:
@@ -144,6 +186,18 @@ def cmd_backbones(args) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------
+def _calibration_arguments(s) -> None:
+    from .deploy.threshold import DEFAULT_FPR
+
+    s.add_argument("--val-anomalies", metavar="DIR",
+                   help="labelled anomalous validation images (never the test set): the thresholds are then F1-optimal")
+    s.add_argument("--val-masks", metavar="DIR", help="masks of the --val-anomalies images (<stem>.png or "
+                   "<stem>_mask.png): F1-optimal pixel threshold")
+    s.add_argument("--fpr", type=float, default=DEFAULT_FPR,
+                   help=f"without --val-anomalies: the false-alarm rate on normal validation images (default {DEFAULT_FPR})")
+    s.add_argument("--pixel-fpr", type=float, help="false-alarm rate of mask pixels on normal images (default: --fpr)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="defectscope", description="Industrial visual anomaly detection: fit, test, "
                                 "predict and benchmark methods on MVTec AD, VisA, your folders or a synthetic set.")
@@ -175,7 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="model directory to write")
     s.add_argument("--image-size", type=int, help="input side in pixels (default: the method's)")
     s.add_argument("--param", action="append", metavar="NAME=VALUE", help="hyper-parameter (repeatable)")
+    _calibration_arguments(s)
+    from .deploy.threshold import DEFAULT_VAL_FRACTION
+
+    s.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help="fraction of the TRAINING images held out (seeded) for early stopping and to calibrate the "
+                        f"threshold (default {DEFAULT_VAL_FRACTION}; 0 = no calibration)")
     s.set_defaults(func=cmd_fit)
+
+    s = sub.add_parser("calibrate", help="(re)calibrate the thresholds of a saved model on validation folders")
+    s.add_argument("model_dir")
+    s.add_argument("--normal", required=True, metavar="DIR",
+                   help="normal images the model was NOT trained on (not the test set either)")
+    _calibration_arguments(s)
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("test", help="evaluate a saved model on the test split; prints the result record")
     s.add_argument("model_dir")
@@ -185,11 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one-line JSON")
     s.set_defaults(func=cmd_test)
 
-    s = sub.add_parser("predict", help="score image files or folders; writes scores.csv and heatmaps")
+    s = sub.add_parser("predict", help="score image files or folders; writes scores.csv (and pictures on request)",
+                       description="Exit code: 0 no defect found, 1 at least one defect found, 2 error "
+                                   "(the run could not start, or no defect was found but some files were unreadable; "
+                                   "they have a row with the error in scores.csv).")
     s.add_argument("model_dir")
     s.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     s.add_argument("--out", default="predictions", help="output directory (default ./predictions)")
-    s.add_argument("--no-heatmaps", action="store_true", help="write only the CSV")
+    s.add_argument("--heatmaps", action="store_true", help="also write OUT/heatmaps/*.png (normalised map, 0..1)")
+    s.add_argument("--overlays", action="store_true", help="also write OUT/overlays/*.png (heatmap over the input)")
+    s.add_argument("--masks", action="store_true", help="also write OUT/masks/*.png (defect pixels 255)")
+    s.add_argument("--batch-size", type=int, default=8, help="images scored together (default 8)")
+    s.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present)")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("bench", help="compare methods side by side; writes OUT/results.jsonl and tables")

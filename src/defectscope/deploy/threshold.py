@@ -47,11 +47,13 @@ import torch
 
 from ..errors import DefectscopeError, ModelFileError
 
-__all__ = ["DEFAULT_FPR", "Calibration", "calibrate", "calibrate_scores", "normalize", "fpr_threshold",
-           "f1_threshold", "MAX_CALIBRATION_PIXELS"]
+__all__ = ["DEFAULT_FPR", "DEFAULT_VAL_FRACTION", "Calibration", "calibrate", "calibrate_scores", "normalize",
+           "fpr_threshold", "f1_threshold", "validation_split", "image_folder_dataset", "MAX_CALIBRATION_PIXELS"]
 
 #: Default false-alarm rate for thresholds learnt from normal images only (1 % of normal images).
 DEFAULT_FPR = 0.01
+#: Default fraction of the training images held out (seeded) to calibrate the threshold.
+DEFAULT_VAL_FRACTION = 0.2
 #: At most this many pixel scores enter a pixel quantile (a seeded random subset beyond it).
 MAX_CALIBRATION_PIXELS = 1 << 23
 _LN9 = math.log(9.0)  # sigmoid(-ln 9) = 0.1: where the median normal score lands
@@ -305,3 +307,51 @@ def calibrate(model, normal, anomalous=None, *, fpr: float = DEFAULT_FPR, pixel_
         normal_maps=n["maps"], anomalous_maps=a["maps"] if with_masks else None,
         anomalous_masks=a["masks"] if with_masks else None, fpr=fpr, pixel_fpr=pixel_fpr,
     )
+
+
+# -- validation data -----------------------------------------------------------------------------
+def validation_split(dataset, fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0):
+    """``(train, val)``: a seeded random ``fraction`` of the TRAINING set held out for calibration.
+
+    ``fraction = 0`` gives ``(dataset, None)``. An :class:`~defectscope.data.AnomalyDataset` is split
+    into two of its kind (same root, category, preprocessing); any other data set into
+    ``torch.utils.data.Subset``\ s. The two parts are disjoint and at least one image each.
+    """
+    from ..data.base import AnomalyDataset
+    from ..data.folder import split_normal
+
+    if not 0.0 <= fraction < 1.0:
+        raise DefectscopeError(f"validation fraction must be in [0, 1), got {fraction!r}")
+    if fraction == 0:
+        return dataset, None
+    if len(dataset) < 2:
+        raise DefectscopeError(f"{len(dataset)} training image(s): too few to hold out a validation split; "
+                               "add images or set the validation fraction to 0")
+    tr, va = split_normal(len(dataset), fraction, seed)
+    if isinstance(dataset, AnomalyDataset):
+        recs = dataset.records
+        kw = dict(root=dataset.root, category=dataset.category, image_size=dataset.image_size,
+                  channels=dataset.channels)
+        return (AnomalyDataset([recs[i] for i in tr], split="train", **kw),
+                AnomalyDataset([recs[i] for i in va], split="val", **kw))
+    return torch.utils.data.Subset(dataset, tr), torch.utils.data.Subset(dataset, va)
+
+
+def image_folder_dataset(folder, label: int, masks=None, image_size=None, channels: int = 3):
+    """The images directly in ``folder`` as a data set with ``label`` (0 normal, 1 anomalous); with
+    ``masks`` (a folder of ``<stem>.png`` or ``<stem>_mask.png``), the anomalous images' masks."""
+    from pathlib import Path
+
+    from ..data.base import AnomalyDataset, Record
+    from ..data.folder import _images
+    from ..data.mvtec import find_mask
+
+    folder = Path(folder).expanduser()
+    role = "anomalous" if label else "normal"
+    mdir = Path(masks).expanduser() if masks is not None else None
+    if mdir is not None and not mdir.is_dir():
+        raise DefectscopeError(f"mask folder {mdir} does not exist; check the path")
+    recs = [Record(p, find_mask(mdir, p.stem) if (mdir is not None and label) else None, label,
+                   "good" if not label else folder.name) for p in _images(folder, role)]
+    return AnomalyDataset(recs, root=folder, category=folder.name, split="val", image_size=image_size,
+                          channels=channels)

@@ -1,0 +1,270 @@
+"""The :class:`Inferencer`: a saved model loaded once, for embedding in a line application.
+
+>>> from defectscope import Inferencer
+>>> inf = Inferencer("models/washer")              # loads and verifies the model directory once
+>>> r = inf.predict("part_0001.png")               # or a numpy array, a PIL image, a tensor
+>>> r.score, r.normalized, r.defect                # raw score, 0..1 with 0.5 = threshold, verdict
+>>> r.anomaly_map, r.mask                          # [H, W] float32 map and bool mask (model size)
+>>> results = inf.predict([img1, img2, img3])      # a batch: a list of results, in order
+
+Inputs (each goes through the preprocessing stored with the model, the same as in training: read
+as float in [0, 1], channels converted, resized with antialiased bilinear filtering, no crop):
+
+* a path (``str`` / ``os.PathLike``): read with :func:`defectscope.data.io.read_image`;
+* a PIL image: :func:`defectscope.data.io.pil_to_tensor`, exactly what reading its file gives;
+* a numpy array ``H x W`` (grayscale) or ``H x W x C`` with ``C`` = 1, 3 (RGB) or 4 (RGBA, alpha
+  dropped), or a batch ``N x H x W x C``. ``uint8`` (and ``uint16`` grayscale) go through PIL, so
+  they give exactly what the same pixels read from a PNG give; ``uint16`` colour is divided by
+  65535; ``bool`` is 0/1; floats must be finite and within ``[0, 1]`` (kept) or ``[0, 255]``
+  (divided by 255), the rule of the file reader;
+* a torch tensor ``[C, H, W]`` or ``[N, C, H, W]``, float in ``[0, 1]``.
+
+A list or tuple, a 4-D array or a 4-D tensor is a batch (a list of :class:`Result` comes back);
+anything else is one image (one :class:`Result`). Maps and masks are at the model's input size
+(``result.input_size`` is the original ``(H, W)``).
+
+Thread safety: one Inferencer may be shared by any number of threads. Reading and preprocessing
+run concurrently; the model's forward pass runs under a lock (some methods fill caches lazily on
+their first call; torch already uses its intra-op threads inside each call), and a warm-up call at
+load time fills those caches before the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..data.io import pil_to_tensor
+from ..data.transforms import Preprocess
+from ..errors import DefectscopeError, ImageReadError
+
+__all__ = ["Inferencer", "Result", "array_to_tensor"]
+
+
+@dataclass
+class Result:
+    """What the Inferencer says about one image.
+
+    Attributes:
+        score: raw image score (the model's scale; higher = more anomalous).
+        normalized: ``sigmoid((score - t) / scale)`` in (0, 1), 0.5 at the threshold (None if the
+            model has no calibration).
+        defect: the verdict, ``score >= threshold`` (None if the model has no calibration).
+        anomaly_map: ``[H, W]`` float32 raw map at the model's input size (None for image-only
+            methods); ``normalized_map`` the same through the pixel normalisation (0.5 = pixel
+            threshold); ``mask``: ``[H, W]`` bool, ``anomaly_map >= pixel threshold``.
+        source: the path, for path inputs; ``input_size``: the input's ``(H, W)`` before resizing.
+        image: the preprocessed input ``[C, H, W]`` (only with ``keep_inputs=True``).
+        error: for :meth:`Inferencer.stream` only: why this input could not be scored (the other
+            fields are then None / NaN).
+    """
+
+    score: float
+    normalized: Optional[float] = None
+    defect: Optional[bool] = None
+    anomaly_map: Optional[np.ndarray] = None
+    normalized_map: Optional[np.ndarray] = None
+    mask: Optional[np.ndarray] = None
+    source: Optional[str] = None
+    input_size: Optional[tuple] = None
+    image: Optional[torch.Tensor] = None
+    error: Optional[str] = None
+
+    @property
+    def verdict(self) -> str:
+        """``"defect"``, ``"good"``, ``""`` (not calibrated) or ``"error"``."""
+        if self.error is not None:
+            return "error"
+        return "" if self.defect is None else ("defect" if self.defect else "good")
+
+
+def _float_range(arr: np.ndarray) -> np.ndarray:
+    a = arr.astype(np.float32, copy=False)
+    if a.size and not np.all(np.isfinite(a)):
+        raise ImageReadError("image array contains NaN or infinite values")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if lo >= 0.0 and hi <= 1.0:
+        return a
+    if lo >= 0.0 and hi <= 255.0:
+        return a / 255.0
+    raise ImageReadError(f"float image array with values {lo:g}..{hi:g} outside [0, 1] and [0, 255]; "
+                         "rescale it to [0, 1]")
+
+
+def array_to_tensor(arr: np.ndarray, channels: int) -> torch.Tensor:
+    """One numpy image (``H x W`` or ``H x W x C``, C in 1/3/4) -> float ``[channels, H, W]`` in [0, 1].
+
+    ``uint8`` and grayscale ``uint16`` go through PIL (the file reader's own conversion); other
+    dtypes are scaled as the module docstring says. Raises :class:`ImageReadError` otherwise.
+    """
+    from PIL import Image
+
+    from ..data.transforms import to_channels
+
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ImageReadError(f"image array of shape {a.shape}: expected H x W or H x W x C with C = 1, 3 or 4 "
+                             "(a batch: N x H x W x C or a list)")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ImageReadError(f"image array of shape {a.shape} is empty")
+    if a.dtype == np.uint8 or (a.dtype == np.uint16 and a.ndim == 2):
+        return pil_to_tensor(Image.fromarray(np.ascontiguousarray(a)), channels, path="<array>")
+    if a.dtype == np.bool_:
+        f = a.astype(np.float32)
+    elif a.dtype == np.uint16:
+        f = a.astype(np.float32) / 65535.0
+    elif a.dtype.kind == "f":
+        f = _float_range(a)
+    elif a.dtype.kind in "iu":
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            raise ImageReadError(f"integer image array with values {lo}..{hi}; use uint8, uint16 or float in [0, 1]")
+        f = a.astype(np.float32) / (255.0 if hi <= 255 else 65535.0)
+    else:
+        raise ImageReadError(f"image array of dtype {a.dtype}; use uint8, uint16 or float in [0, 1]")
+    t = torch.from_numpy(np.ascontiguousarray(f))
+    t = t[None] if t.ndim == 2 else t[:, :, :3].permute(2, 0, 1)
+    return to_channels(t.contiguous(), channels)
+
+
+def _is_batch(x: Any) -> bool:
+    if isinstance(x, (list, tuple)):
+        return True
+    return isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 4
+
+
+class Inferencer:
+    """A fitted model with its preprocessing and calibration, ready to score images.
+
+    Args:
+        model: a model directory (loaded and verified once) or a fitted :class:`AnomalyModel`.
+        device: ``"cpu"``, ``"cuda"``...; default: CUDA when present, else CPU.
+        warmup: run one blank image through the model at load time (fills lazy caches, so the
+            first real request is not slower).
+    """
+
+    def __init__(self, model, device: str | None = None, warmup: bool = True) -> None:
+        from ..engine.train import auto_device
+        from ..models.base import AnomalyModel
+        from ..models.io import load_model
+
+        dev = auto_device(device)
+        if isinstance(model, AnomalyModel):
+            if not model.fitted:
+                raise DefectscopeError(f"{model.name}: the Inferencer needs a fitted model")
+            self.model = model.to(dev).eval()
+        else:
+            self.model = load_model(model).to(dev).eval()  # loaded on the CPU, then moved whole
+        self.preprocess = Preprocess(self.model.image_size, self.model.channels)
+        self.calibration = self.model.calibration
+        self._lock = threading.Lock()
+        if warmup:
+            self.predict(torch.zeros(self.model.channels, *self.preprocess.image_size))
+
+    def __repr__(self) -> str:
+        cal = self.calibration.describe() if self.calibration else "not calibrated"
+        return f"Inferencer({self.model.name}, {self.preprocess.image_size}, {cal})"
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def load(self, x: Any) -> tuple[torch.Tensor, tuple, Optional[str]]:
+        """One input -> (preprocessed ``[C, H, W]``, original ``(H, W)``, source path or None)."""
+        from PIL import Image
+
+        source = None
+        c = self.model.channels
+        if isinstance(x, (str, os.PathLike)):
+            from ..data.io import read_image
+
+            source = str(x)
+            t = read_image(Path(x), c)
+        elif isinstance(x, Image.Image):
+            t = pil_to_tensor(x, c)
+        elif isinstance(x, np.ndarray):
+            t = array_to_tensor(x, c)
+        elif isinstance(x, torch.Tensor):
+            if x.ndim != 3 or x.shape[0] not in (1, 3) or not x.is_floating_point():
+                raise ImageReadError(f"image tensor {x.dtype} {list(x.shape)}: expected float [C, H, W], C = 1 or 3")
+            t = x.detach().cpu().float()
+            if t.numel() and not (torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1):
+                raise ImageReadError("image tensor values must be finite and within [0, 1]")
+        else:
+            raise ImageReadError(f"cannot read an image from a {type(x).__name__}; pass a path, a numpy array, "
+                                 "a PIL image or a tensor")
+        size = tuple(int(v) for v in t.shape[-2:])
+        return self.preprocess(t), size, source
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def predict_tensor(self, images: torch.Tensor) -> list[Result]:
+        """Score preprocessed images ``[B, C, H, W]`` (the model's size and channels)."""
+        with self._lock:
+            pred = self.model.predict(images)
+        cal = self.calibration
+        score = pred.score
+        norm = cal.normalize(score).tolist() if cal else [None] * len(score)
+        defect = cal.verdict(score).tolist() if cal else [None] * len(score)
+        amap = pred.anomaly_map
+        nmap = mask = None
+        if amap is not None and cal is not None and cal.pixel_threshold is not None:
+            nmap, mask = cal.normalize_map(amap).numpy(), cal.mask(amap).numpy()
+        amap = amap.numpy() if amap is not None else None
+        return [Result(score=float(score[i]), normalized=norm[i], defect=defect[i],
+                       anomaly_map=None if amap is None else amap[i],
+                       normalized_map=None if nmap is None else nmap[i],
+                       mask=None if mask is None else mask[i]) for i in range(len(score))]
+
+    def predict(self, x: Any, keep_inputs: bool = False):
+        """Score one image (a :class:`Result`) or a batch (a list of them); see the module doc.
+
+        A bad input raises :class:`~defectscope.errors.DefectscopeError` naming it; use
+        :meth:`stream` to score many inputs where bad ones are reported and skipped.
+        """
+        if not _is_batch(x):
+            return self._score([self.load(x)], keep_inputs)[0]
+        items = list(x)
+        if not items:
+            return []
+        return self._score([self.load(item) for item in items], keep_inputs)
+
+    def _score(self, loaded: Sequence[tuple], keep_inputs: bool) -> list[Result]:
+        results = self.predict_tensor(torch.stack([t for t, _, _ in loaded]))
+        for r, (t, size, source) in zip(results, loaded):
+            r.input_size, r.source = size, source
+            if keep_inputs:
+                r.image = t
+        return results
+
+    def stream(self, inputs: Iterable[Any], batch_size: int = 8, keep_inputs: bool = False) -> Iterator[Result]:
+        """Score any number of inputs lazily, in order, holding at most ``batch_size`` of them.
+
+        An input that cannot be read gives a :class:`Result` with ``error`` set (and ``score``
+        NaN) and the stream goes on; errors other than bad input propagate.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        pending: list = []  # in input order: (loaded tuple) or an error Result
+        n_ok = 0
+        for x in inputs:
+            try:
+                pending.append(self.load(x))
+                n_ok += 1
+            except DefectscopeError as e:
+                src = str(x) if isinstance(x, (str, os.PathLike)) else None
+                pending.append(Result(score=float("nan"), source=src, error=str(e)))
+            if n_ok >= batch_size:
+                yield from self._flush(pending, keep_inputs)
+                pending, n_ok = [], 0
+        yield from self._flush(pending, keep_inputs)
+
+    def _flush(self, pending: list, keep_inputs: bool) -> Iterator[Result]:
+        loaded = [p for p in pending if not isinstance(p, Result)]
+        scored = iter(self._score(loaded, keep_inputs) if loaded else [])
+        for p in pending:
+            yield p if isinstance(p, Result) else next(scored)
