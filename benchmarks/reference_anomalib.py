@@ -73,6 +73,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "EfficientNet backbones; default here 100, anomalib's resnet18 value)")
     p.add_argument("--num-neighbors", type=int, default=9, help="PatchCore: b of the re-weighting (eq. 7)")
     p.add_argument("--epochs", type=int, default=None, help="trainable models: max_epochs")
+    p.add_argument("--steps", type=int, default=None,
+                   help="trainable models: max_steps (EfficientAD: the paper counts steps, batch 1)")
+    p.add_argument("--teacher", default=None,
+                   help="EfficientAD: PDN teacher weights (safetensors from 'defectscope distill-teacher', or "
+                        "a .pth state dict); installed where anomalib looks for its download")
+    p.add_argument("--penalty-dir", default=None,
+                   help="EfficientAD: folder of generic images for the penalty loss (in place of imagenette; "
+                        "flat or with sub-folders)")
+    p.add_argument("--model-size", choices=["small", "medium"], default="small", help="EfficientAD size")
     p.add_argument("--batch-size", type=int, default=32, help="train and eval batch size")
     p.add_argument("--normalize", choices=["backbone", "imagenet"], default="backbone",
                    help="input normalisation: the backbone's own (timm pretrained_cfg) or anomalib's "
@@ -233,13 +242,18 @@ def build_model(args, layers, pre_processor, evaluator):
         model = am.Padim(**params, **common)
     elif args.model == "stfpm":
         model = am.Stfpm(**params, **common)
+    elif args.model == "efficientad":
+        params = {"model_size": args.model_size, "imagenet_dir": str(args.penalty_root)}
+        model = am.EfficientAd(**params, **common)
     elif args.model == "reverse_distillation":
+        if not args.backbone.startswith(("resnet", "wide_resnet", "resnext")):
+            raise SystemExit(
+                f"reverse_distillation: anomalib builds its bottleneck and decoder only for ResNet "
+                f"backbones (get_decoder), not {args.backbone}; no ResNet ImageNet weights are available offline"
+            )
         model = am.ReverseDistillation(**params, **common)
     else:
-        raise SystemExit(
-            "efficientad: anomalib downloads its pretrained teacher and the imagenette set at fit "
-            "time; it cannot run offline as published"
-        )
+        raise SystemExit(f"unknown model {args.model}")
     return model, params
 
 
@@ -395,12 +409,62 @@ def hardware() -> dict:
             "python": platform.python_version()}
 
 
+def prepare_efficientad_offline(args, work: Path) -> dict:
+    """Make anomalib's EfficientAd run offline (anomalib 2.7, lightning_model.py):
+
+    * teacher: ``prepare_pretrained_model`` downloads ``efficientad_pretrained_weights.zip`` only
+      when ``get_pretrained_weights_dir() / "efficientad_pretrained_weights"`` is missing, then
+      loads ``pretrained_teacher_{small,medium}.pth`` (a state dict, ``torch.load(weights_only=True)``,
+      keys ``conv1.weight``...). ``get_pretrained_weights_dir()`` is platformdirs'
+      ``user_cache_path("anomalib") / "pre_trained"``, i.e. ``$XDG_CACHE_HOME/anomalib/pre_trained``
+      on Linux: XDG_CACHE_HOME is pointed at a private folder under the work directory and
+      ``--teacher`` written there as that .pth (the user's own cache is never touched);
+    * penalty images: ``prepare_imagenette_data`` downloads imagenette only when ``imagenet_dir``
+      is not a directory, then reads it with torchvision's ``ImageFolder`` (images in class
+      sub-folders): ``--penalty-dir`` is linked as ``<work>/penalty/<one class>/`` when flat.
+    """
+    import torch
+
+    if not args.teacher or not args.penalty_dir:
+        raise SystemExit("efficientad offline needs --teacher FILE (defectscope distill-teacher) and "
+                         "--penalty-dir DIR (generic images); anomalib would otherwise download both")
+    teacher = Path(args.teacher).expanduser().resolve()
+    if teacher.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(teacher))
+    else:
+        state = torch.load(teacher, map_location="cpu", weights_only=True)
+    xdg = work / "xdg-cache"
+    os.environ["XDG_CACHE_HOME"] = str(xdg)
+    from anomalib.utils.path import get_pretrained_weights_dir
+
+    target_dir = get_pretrained_weights_dir() / "efficientad_pretrained_weights"
+    if not str(target_dir).startswith(str(xdg)):
+        raise SystemExit(f"anomalib's pretrained-weights dir {target_dir} is not under {xdg}; refusing to write there")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"pretrained_teacher_{args.model_size}.pth"
+    torch.save({k: v.contiguous() for k, v in state.items()}, target)
+
+    src = Path(args.penalty_dir).expanduser().resolve()
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+    flat = [f for f in sorted(src.iterdir()) if f.is_file() and f.suffix.lower() in exts]
+    if flat:
+        root = work / "penalty"
+        (root / "generic").mkdir(parents=True, exist_ok=True)
+        for f in flat:
+            link = root / "generic" / f.name
+            if not link.exists():
+                link.symlink_to(f)
+    else:
+        root = src
+    args.penalty_root = root
+    log(f"efficientad offline: teacher {teacher} -> {target}; penalty images {root} ({len(flat) or 'sub-folders'})")
+    return {"teacher": str(teacher), "teacher_installed_as": str(target), "penalty_dir": str(root),
+            "n_penalty_flat": len(flat)}
+
+
 def main(args) -> dict:
-    if args.model == "efficientad":
-        raise SystemExit(
-            "efficientad: anomalib downloads its pretrained teacher (to ~/.cache/anomalib/pre_trained) "
-            "and the imagenette set at fit time; it cannot run offline as published"
-        )
     out_path = Path(args.out).expanduser().resolve()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stem = out_path.with_suffix("")
@@ -431,11 +495,16 @@ def main(args) -> dict:
                     "data": str(Path(args.data).resolve()), "image_size": args.image_size,
                     "threads": args.threads, "seed": args.seed, "error": None}
     record["rss_after_imports_mb"] = peak_rss_mb()  # torch + lightning + anomalib, before any model
-    record["weights"] = ensure_hf_weights(args.backbone)
+    work = args.work_dir or tempfile.mkdtemp(prefix="anomalib-ref-")
+    if args.model == "efficientad":
+        record["efficientad_offline"] = prepare_efficientad_offline(args, Path(work))
+    else:
+        record["weights"] = ensure_hf_weights(args.backbone)
     seed_everything(args.seed, workers=True)
 
     layers = args.layers.split(",") if args.layers else DEFAULT_LAYERS.get(args.model, [])
-    pre = build_pre_processor(args, record["weights"]["mean"], record["weights"]["std"])
+    mean_std = (record["weights"]["mean"], record["weights"]["std"]) if "weights" in record else (None, None)
+    pre = build_pre_processor(args, *mean_std)
     evaluator = build_evaluator()
     lm, params = build_model(args, layers, pre, evaluator)
     record["params"] = {**params, "normalize": args.normalize,
@@ -444,15 +513,22 @@ def main(args) -> dict:
         record["params"]["n_features_original"] = int(lm.model.n_features_original)
     record["layers_used"] = list(lm.model.layers) if hasattr(lm.model, "layers") else layers
 
-    dm = MVTecAD(root=args.data, category=args.category, train_batch_size=args.batch_size,
+    split = {}
+    if args.model == "efficientad":
+        # batch 1 (anomalib refuses anything else); the map quantiles from 10 % of the TRAINING
+        # images, as defectscope (anomalib's default validation split is the test set)
+        split = {"train_batch_size": 1, "val_split_mode": "from_train", "val_split_ratio": 0.1}
+    dm = MVTecAD(root=args.data, category=args.category, **{"train_batch_size": args.batch_size, **split},
                  eval_batch_size=args.batch_size, num_workers=0, seed=args.seed)
     timer = FitTimer()
-    work = args.work_dir or tempfile.mkdtemp(prefix="anomalib-ref-")
     engine_kwargs = dict(accelerator="cpu", devices=1, logger=False, barebones=True,
                          default_root_dir=work, callbacks=[timer], enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False)
     if args.epochs is not None:
         engine_kwargs["max_epochs"] = args.epochs
+    if args.steps is not None:
+        engine_kwargs["max_steps"] = args.steps
+        engine_kwargs.setdefault("max_epochs", -1)
     try:
         engine = Engine(**engine_kwargs)
     except Exception as exc:  # an older lightning without barebones, or it refusing a setting

