@@ -56,7 +56,9 @@ PathLike = Union[str, os.PathLike]
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 #: Largest image (width * height) that is read; larger files are refused as possible
-#: decompression bombs. Defaults to PIL's own default limit (about 89 megapixels).
+#: decompression bombs. Defaults to PIL's own default limit (about 89 megapixels). Raise it for
+#: trusted large images (``defectscope.data.io.MAX_IMAGE_PIXELS = 200_000_000``); beyond twice
+#: ``PIL.Image.MAX_IMAGE_PIXELS`` PIL itself refuses the file, so raise that one too.
 MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 _EIGHT_BIT_GRAY = {"1", "L", "LA", "La"}
@@ -99,6 +101,10 @@ def _fail(path: Path, reason: str, todo: str) -> ImageReadError:
 _RECOPY = "re-copy or regenerate the file, or remove it from the data set"
 
 
+class _TooLarge(Exception):
+    """Raised inside :func:`_open_raw` when an image is above :data:`MAX_IMAGE_PIXELS`."""
+
+
 def _open_raw(path: Path, load: bool) -> Image.Image:
     if not path.exists():
         raise _fail(path, "file does not exist", "check the path and the data set folder")
@@ -114,11 +120,15 @@ def _open_raw(path: Path, load: bool) -> Image.Image:
     img = None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # our own limit decides (PIL's warning would fire at PIL's limit, whatever ours is);
+            # PIL still raises DecompressionBombError beyond twice its own limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)
             w, h = img.size
             if limit and w * h > limit:
-                raise Image.DecompressionBombError(f"{w}x{h} = {w * h} pixels")
+                raise _TooLarge(f"{w}x{h} = {w * h} pixels; the limit is {limit} pixels")
+            if w <= 0 or h <= 0:
+                raise _fail(path, f"the image has no pixels ({w}x{h})", _RECOPY)
             if load:
                 img.load()
         return img
@@ -135,12 +145,20 @@ def _open(path: PathLike, load: bool = True) -> Image.Image:
         return _open_raw(path, load)
     except ImageReadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except _TooLarge as exc:
         raise _fail(
             path,
-            f"image is too large ({_one_line(exc)}; the limit is {MAX_IMAGE_PIXELS} pixels, "
-            "a protection against decompression bombs)",
+            f"image is too large ({exc}, a protection against decompression bombs)",
             "downscale it, or raise defectscope.data.io.MAX_IMAGE_PIXELS if the file is trusted",
+        ) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        raise _fail(
+            path,
+            f"image is too large (PIL refuses more than 2 x PIL.Image.MAX_IMAGE_PIXELS = "
+            f"{2 * pil_limit if pil_limit else 0} pixels, a protection against decompression bombs)",
+            "downscale it, or raise defectscope.data.io.MAX_IMAGE_PIXELS and "
+            "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted",
         ) from exc
     except UnidentifiedImageError as exc:
         raise _fail(
@@ -243,6 +261,10 @@ def read_image(path: PathLike, channels: int = 3) -> torch.Tensor:
     img = _open(path)
     try:
         return pil_to_tensor(img, channels, path=Path(path).expanduser())
+    except ImageReadError:
+        raise
+    except Exception as exc:  # a decoded file whose pixels PIL/numpy cannot convert
+        raise _fail(Path(path).expanduser(), f"cannot convert its pixels ({_one_line(exc)})", _RECOPY) from exc
     finally:
         img.close()
 
@@ -283,5 +305,9 @@ def read_mask(path: PathLike) -> torch.Tensor:
     img = _open(path)
     try:
         return pil_to_mask(img, path=Path(path).expanduser())
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise _fail(Path(path).expanduser(), f"cannot convert its pixels ({_one_line(exc)})", _RECOPY) from exc
     finally:
         img.close()
