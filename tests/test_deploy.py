@@ -391,3 +391,23 @@ def test_fit_calibrates_on_the_training_side_only(capsys, synth_root, tmp_path, 
     n_train = len(list((synth_root / "fabric" / "train" / "good").glob("*.png")))
     assert cal.method == "f1" and cal.pixel_method == "f1" and cal.n_anomalous == 3
     assert cal.n_normal == round(0.2 * n_train) and "calibrated: image threshold" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["fit", "sae", "--out", "{tmp}/m", "--fpr", "1.5"], "--fpr must be in [0, 1)"),
+    (["fit", "sae", "--out", "{tmp}/m", "--pixel-fpr", "-0.1"], "--pixel-fpr must be in [0, 1)"),
+    (["fit", "sae", "--out", "{tmp}/m", "--val-fraction", "1"], "--val-fraction must be in [0, 1)"),
+    (["fit", "sae", "--out", "{tmp}/m", "--val-masks", "{tmp}"], "--val-masks needs --val-anomalies"),
+    (["fit", "sae", "--out", "{tmp}/m", "--val-anomalies", "{tmp}/none"], "does not exist"),
+    (["calibrate", "{tmp}/nomodel", "--normal", "{tmp}"], "no such model directory"),
+])
+def test_calibration_options_fail_fast_with_one_line(capsys, tmp_path, argv, needle):
+    code, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0] and not (tmp_path / "m").exists()
+
+
+def test_predict_bad_batch_size_is_one_line(capsys, model_dir, synth_root, tmp_path):
+    code, _, err = run(capsys, "predict", model_dir, _images(synth_root, "good", 1)[0], "--out", tmp_path,
+                       "--batch-size", "0")
+    assert code == 2 and "batch size must be >= 1" in err and "Traceback" not in err

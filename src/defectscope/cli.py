@@ -85,8 +85,8 @@ def cmd_fit(args) -> int:
     from .deploy.threshold import validation_split
 
     model = create_model(args.model, **params)
+    anomalies = _val_anomalies(args, model)  # checks the calibration options before any work
     data = load_dataset(args.data, args.category, "train", image_size=model.image_size, channels=model.channels)
-    anomalies = _val_anomalies(args, model)
     train, val = validation_split(data, args.val_fraction, seed=int(model.params.get("seed") or 0))
     t0 = time.perf_counter()
     model.fit(train, val)
@@ -98,8 +98,11 @@ def cmd_fit(args) -> int:
 
 
 def _val_anomalies(args, model):
-    from .deploy.threshold import image_folder_dataset
+    from .deploy.threshold import check_rate, image_folder_dataset
 
+    check_rate(args.fpr, "--fpr")
+    check_rate(getattr(args, "val_fraction", None), "--val-fraction")
+    check_rate(args.pixel_fpr, "--pixel-fpr")
     if not args.val_anomalies:
         if args.val_masks:
             raise DefectscopeError("--val-masks needs --val-anomalies")

@@ -248,7 +248,7 @@ class Inferencer:
         NaN) and the stream goes on; errors other than bad input propagate.
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DefectscopeError(f"batch size must be >= 1, got {batch_size}")
         pending: list = []  # in input order: (loaded tuple) or an error Result
         n_ok = 0
         for x in inputs:

@@ -48,7 +48,7 @@ import torch
 from ..errors import DefectscopeError, ModelFileError
 
 __all__ = ["DEFAULT_FPR", "DEFAULT_VAL_FRACTION", "Calibration", "calibrate", "calibrate_scores", "normalize",
-           "fpr_threshold", "f1_threshold", "validation_split", "image_folder_dataset", "MAX_CALIBRATION_PIXELS"]
+           "fpr_threshold", "f1_threshold", "check_rate", "validation_split", "image_folder_dataset", "MAX_CALIBRATION_PIXELS"]
 
 #: Default false-alarm rate for thresholds learnt from normal images only (1 % of normal images).
 DEFAULT_FPR = 0.01
@@ -176,6 +176,12 @@ def _strictly_above(value: float, t: float) -> float:
     return float(t32)
 
 
+def check_rate(rate, name: str = "false-alarm rate") -> None:
+    """Raise :class:`DefectscopeError` unless ``rate`` is None or in ``[0, 1)``."""
+    if rate is not None and not (isinstance(rate, (int, float)) and 0.0 <= rate < 1.0):
+        raise DefectscopeError(f"{name} must be in [0, 1) (0.01 = 1 %), got {rate!r}")
+
+
 def fpr_threshold(normal_scores, fpr: float = DEFAULT_FPR) -> float:
     """Lowest-risk threshold with false-alarm rate ``<= fpr`` on ``normal_scores``.
 
@@ -184,8 +190,7 @@ def fpr_threshold(normal_scores, fpr: float = DEFAULT_FPR) -> float:
     flagged); for ``k = 0``, above the maximum by half the gap to the second largest. So the
     fraction of ``normal_scores >= threshold`` is at most ``fpr``.
     """
-    if not 0.0 <= fpr < 1.0:
-        raise DefectscopeError(f"false-alarm rate must be in [0, 1), got {fpr!r}")
+    check_rate(fpr)
     s = np.sort(_as_float_array(normal_scores, "normal scores"))[::-1]
     if s.size == 0:
         raise DefectscopeError("calibration needs at least one normal validation image")
@@ -315,7 +320,7 @@ def validation_split(dataset, fraction: float = DEFAULT_VAL_FRACTION, seed: int 
 
     ``fraction = 0`` gives ``(dataset, None)``. An :class:`~defectscope.data.AnomalyDataset` is split
     into two of its kind (same root, category, preprocessing); any other data set into
-    ``torch.utils.data.Subset``\ s. The two parts are disjoint and at least one image each.
+    ``torch.utils.data.Subset`` objects. The two parts are disjoint and at least one image each.
     """
     from ..data.base import AnomalyDataset
     from ..data.folder import split_normal
