@@ -1,6 +1,7 @@
 """Every anomaly-detection method of defectscope, one module each, behind one contract."""
 
 from . import dae, padim, patchcore, sae  # noqa: F401  (importing registers the methods)
+from . import dfkde, dfm, gaussian_ad, spade  # noqa: F401  (feature-statistics memory family)
 from . import fre, reverse_distillation, stfpm  # noqa: F401  (distillation family)
 from .base import MODELS, AnomalyModel, Prediction, create_model, get_model_class, list_models, register
 from .io import load_model, save_model

@@ -4,7 +4,9 @@
 * :mod:`.knn` -- exact blocked k-nearest-neighbour search (torch, or faiss when installed);
 * :mod:`.coreset` -- PatchCore's greedy k-center coreset (exact, lazy, matrix-matrix);
 * :mod:`.gaussian` -- PaDiM's per-position Gaussian, Mahalanobis distance, Ledoit-Wolf;
-* :mod:`.ssim` -- structural similarity.
+* :mod:`.ssim` -- structural similarity;
+* :mod:`.pca` -- principal component analysis (DFM, DFKDE);
+* :mod:`.kde` -- Gaussian kernel density estimate, Scott's / Silverman's bandwidth (DFKDE).
 """
 
 from .blur import gaussian_blur, gaussian_kernel1d, upsample
@@ -16,7 +18,9 @@ from .gaussian import (
     ledoit_wolf,
     mahalanobis,
 )
+from .kde import KDEResult, fit_gaussian_kde, kde_bandwidth, kde_log_density
 from .knn import NearestNeighbors, faiss_available, knn
+from .pca import PCAResult, fit_pca, pca_inverse_transform, pca_transform
 
 __all__ = [
     "gaussian_blur",
@@ -34,4 +38,12 @@ __all__ = [
     "cholesky_inverse_factor",
     "mahalanobis",
     "ledoit_wolf",
+    "PCAResult",
+    "fit_pca",
+    "pca_transform",
+    "pca_inverse_transform",
+    "KDEResult",
+    "kde_bandwidth",
+    "fit_gaussian_kde",
+    "kde_log_density",
 ]
