@@ -188,6 +188,16 @@ def cmd_backbones(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .deploy.export import export_model
+
+    check = args.check_images or (False if args.no_check else True)
+    report = export_model(args.model_dir, args.out, args.format, int8=args.int8, resize=not args.no_resize,
+                          check=check)
+    print(report.summary())
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------
 def _calibration_arguments(s) -> None:
     from .deploy.threshold import DEFAULT_FPR
@@ -278,6 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="rebuild the tables, figures and report.html of a benchmark directory")
     s.add_argument("out_dir", metavar="OUT", help="the --out directory of 'defectscope bench'")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("export", help="export a saved model's whole inference path to ONNX or OpenVINO and "
+                       "check it against PyTorch")
+    s.add_argument("model_dir")
+    s.add_argument("--format", choices=("onnx", "openvino"), default="onnx", help="onnx (default) or openvino")
+    s.add_argument("--out", required=True, help="output file (.onnx; .xml + .bin for openvino)")
+    s.add_argument("--int8", action="store_true", help="INT8 weight compression (openvino, through nncf)")
+    s.add_argument("--no-resize", action="store_true",
+                   help="no resize in the graph: feed images at the model's input size")
+    s.add_argument("--check-images", nargs="+", metavar="IMAGE",
+                   help="compare with PyTorch on these images (default: 4 generated ones)")
+    s.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
+    s.set_defaults(func=cmd_export)
     return p
 
 
