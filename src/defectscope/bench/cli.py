@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 from ..errors import DatasetError, DefectscopeError
-from ..report.tables import NUMERIC, markdown_table, mean_rows
+from ..report.tables import NUMERIC, blind_markdown, markdown_table, mean_rows
 from .grid import cells_for, run_grid
 
-__all__ = ["PRESETS", "NUMERIC", "add_bench_arguments", "bench_main", "check_data", "command_line", "mean_rows",
-           "resolve_models"]
+__all__ = ["PRESETS", "NUMERIC", "add_bench_arguments", "bench_main", "blind_levels", "check_data", "command_line",
+           "mean_rows", "resolve_models"]
 
 # Scenario presets of the benchmark guide (shared/seeds/003, section 5).
 PRESETS: dict[str, list[str]] = {
@@ -51,6 +51,14 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--data", default="synthetic", help="synthetic (default), mvtec:DIR, visa:DIR or folder:DIR")
     p.add_argument("--categories", help="comma-separated categories (default: all of the data set)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--setting", default="normal", choices=("normal", "blind-mix", "blind-test", "blind-ano"),
+                   help="normal (one-class: train on train/good, the default); blind-mix (train/good plus a fraction "
+                        "of the anomalous test images, unlabelled; evaluate on the rest); blind-test (the unlabelled "
+                        "test set is the training and the evaluation set); blind-ano (anomalous test images only, "
+                        "pixel metrics). The split depends on the seed only, the same for every model")
+    p.add_argument("--contamination", metavar="F[,F...]",
+                   help="blind-mix: fraction(s) of the anomalous test images moved into training, one cell each, "
+                        "e.g. 0.1 or 0,0.05,0.1,0.2 (default 0.1)")
     p.add_argument("--image-size", type=int, help="input side for every method (default: each method's own)")
     p.add_argument("--param", action="append", metavar="MODEL.NAME=VALUE",
                    help="hyper-parameter for one method, e.g. sae.epochs=10 (repeatable)")
@@ -113,11 +121,34 @@ def check_data(spec: str, categories: list[str] | None) -> list[str]:
     return cats
 
 
+def blind_levels(setting: str | None, contamination: str | None) -> tuple[str, list[float | None]]:
+    """The canonical setting and its contamination levels from ``--setting``/``--contamination``."""
+    from ..cli import _split
+    from ..data.blind import normalize_setting
+
+    setting = normalize_setting(setting or "normal")
+    if setting != "blind-mix":
+        if contamination:
+            raise DefectscopeError(f"--contamination applies to --setting blind-mix only, not {setting}")
+        return setting, [None]
+    try:
+        levels = [float(x) for x in _split(contamination)] if contamination else [0.1]
+    except ValueError:
+        raise DefectscopeError(f"--contamination {contamination!r}: expected fractions such as 0.1 or "
+                               "0,0.05,0.1,0.2") from None
+    bad = [x for x in levels if not 0.0 <= x < 1.0]
+    if bad or not levels:
+        raise DefectscopeError(f"--contamination must be fractions in [0, 1), got {contamination!r}")
+    return setting, list(dict.fromkeys(levels))
+
+
 def command_line(args) -> str:
     """The ``defectscope bench`` command that runs this benchmark again (from parsed ``args``)."""
     words = ["defectscope", "bench"]
     for flag, value in (("--preset", args.preset), ("--models", args.models), ("--data", args.data),
                         ("--categories", args.categories), ("--seeds", args.seeds if args.seeds != "0" else None),
+                        ("--setting", getattr(args, "setting", None) if getattr(args, "setting", None) not in
+                         (None, "normal") else None), ("--contamination", getattr(args, "contamination", None)),
                         ("--image-size", args.image_size)):
         if value is not None:
             words += [flag, str(value)]
@@ -161,12 +192,14 @@ def bench_main(args) -> int:
         raise DefectscopeError("--backend ray needs Ray: pip install 'defectscope[ray]'")
     categories = check_data(args.data, _split(args.categories))
     seeds = [int(s) for s in _split(args.seeds)] or [0]
-    cells = cells_for(run, args.data, categories, seeds, params)
+    setting, levels = blind_levels(getattr(args, "setting", None), getattr(args, "contamination", None))
+    cells = cells_for(run, args.data, categories, seeds, params, setting, levels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": command_line(args),
             "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "models": run, "not_implemented": missing, "data": args.data, "categories": categories, "seeds": seeds,
+            "setting": setting, "contamination": levels if setting == "blind-mix" else None,
             "jobs": args.jobs or (1 if args.backend == "local" else None), "backend": args.backend,
             "latency_runs": args.latency_runs, "resume": bool(args.resume)}
     (out / "bench.json").write_text(json.dumps(meta, indent=2))
@@ -176,13 +209,16 @@ def bench_main(args) -> int:
 
         tracker = MlflowTracker(args.mlflow or default_uri(out), meta)
     print(f"{len(cells)} cell(s): {', '.join(run)} x {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} "
-          f"x {len(seeds)} seed(s) -> {out / 'results.jsonl'}")
+          f"x {len(seeds)} seed(s){'' if setting == 'one-class' else f' x {len(levels)} level(s), setting {setting}'} "
+          f"-> {out / 'results.jsonl'}")
     t0 = time.perf_counter()
 
     def show(rec):
         status = f"error: {rec['error']}" if rec.get("error") else (
             f"image AUROC {rec.get('image_auroc', float('nan')):.3f}")
-        print(f"  {rec['model']:<12} {str(rec.get('category')):<12} {status}", flush=True)
+        where = "" if setting == "one-class" else f" {setting}" + (
+            f" {rec.get('contamination'):g}" if isinstance(rec.get("contamination"), (int, float)) else "")
+        print(f"  {rec['model']:<12} {str(rec.get('category')):<12}{where} {status}", flush=True)
         if tracker:
             tracker.log_cell(rec)
 
@@ -200,7 +236,7 @@ def bench_main(args) -> int:
         from ..report.tables import csv_table
 
         (out / "results.md").write_text(f"# Per category\n\n{markdown_table(records)}\n\n# Mean over categories\n\n"
-                                        f"{markdown_table(mean_rows(records))}\n")
+                                        f"{markdown_table(mean_rows(records))}\n\n{blind_markdown(records)}")
         (out / "results.csv").write_text(csv_table(records))
         (out / "results_mean.csv").write_text(csv_table(mean_rows(records)))
         report = None
@@ -212,6 +248,9 @@ def bench_main(args) -> int:
     print(markdown_table(records))
     print()
     print(markdown_table(mean_rows(records)))
+    if setting != "one-class":
+        print()
+        print(blind_markdown(records))
     if missing:
         print(f"\nnot implemented yet (not run): {', '.join(missing)}")
     if tracker:

@@ -46,25 +46,38 @@ class Cell:
     category: str | None
     seed: int = 0
     params: tuple = field(default_factory=tuple)  # sorted (key, value) pairs, hashable
+    setting: str = "one-class"  # or blind-mix, blind-test, blind-ano (defectscope.data.blind)
+    contamination: float | None = None  # blind-mix: fraction of the anomalous test images trained on
+
+    @property
+    def blind(self) -> list:
+        """``[setting, contamination]`` for a blind cell, ``[]`` for one-class (whose key stays as before)."""
+        return [] if self.setting == "one-class" else [self.setting, self.contamination]
 
     @property
     def key(self) -> str:
-        return json.dumps([self.model, self.data, self.category, self.seed, list(self.params)], sort_keys=True)
+        return json.dumps([self.model, self.data, self.category, self.seed, list(self.params)] + self.blind,
+                          sort_keys=True)
 
     @property
     def cell_id(self) -> str:
         """A short, file-system-safe, unique name: ``model_dataset_category_s<seed>_<hash>``."""
         kind = self.data.split(":", 1)[0]
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.model}_{kind}_{self.category or 'all'}_s{self.seed}")
+        blind = ""
+        if self.blind:
+            blind = f"_{self.setting}" + ("" if self.contamination is None else f"{self.contamination:g}")
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.model}_{kind}_{self.category or 'all'}_s{self.seed}{blind}")
         return f"{name[:80]}_{hashlib.sha1(self.key.encode()).hexdigest()[:8]}"
 
     def to_json(self) -> dict:
         return {"model": self.model, "data": self.data, "category": self.category, "seed": self.seed,
-                "params": [list(p) for p in self.params]}
+                "params": [list(p) for p in self.params], "setting": self.setting,
+                "contamination": self.contamination}
 
     @classmethod
     def from_json(cls, d: dict) -> "Cell":
-        return cls(d["model"], d["data"], d["category"], int(d["seed"]), tuple(tuple(p) for p in d["params"]))
+        return cls(d["model"], d["data"], d["category"], int(d["seed"]), tuple(tuple(p) for p in d["params"]),
+                   d.get("setting") or "one-class", d.get("contamination"))
 
 
 def record_key(rec: dict) -> str:
@@ -130,6 +143,7 @@ def execute_cell(cell: Cell, threads: int | None = None, artifacts_dir=None, n_l
 
     try:
         return run_experiment(cell.model, dict(cell.params), cell.data, cell.category, cell.seed,
+                              setting=cell.setting, contamination=cell.contamination,
                               n_latency=n_latency, artifacts_dir=artifacts_dir)
     except Exception as e:  # noqa: BLE001 - the row must record any failure
         rec: dict[str, Any] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
@@ -203,7 +217,8 @@ def _collect(run: _Running, timed_out: bool = False) -> dict[str, Any]:
 
 def _finish_record(cell: Cell, rec: dict, t0: float, artifacts_dir=None, out_dir=None) -> dict[str, Any]:
     base = {"model": cell.model, "params": dict(cell.params), "dataset": cell.data.split(":", 1)[0],
-            "data": cell.data, "category": cell.category, "setting": "one-class", "seed": cell.seed}
+            "data": cell.data, "category": cell.category, "setting": cell.setting,
+            "contamination": 0.0 if cell.setting == "one-class" else cell.contamination, "seed": cell.seed}
     rec = {**base, **rec}
     rec.setdefault("error", None)
     if rec["error"] and "versions" not in rec:
@@ -376,11 +391,14 @@ def run_grid(cells: Iterable[Cell], out_dir, resume: bool = False, threads: int 
 
 
 def cells_for(models: list[str], data: str, categories: list[str | None], seeds: list[int],
-              params: dict[str, dict] | None = None) -> list[Cell]:
-    """The grid's cells in a stable order (model-major)."""
+              params: dict[str, dict] | None = None, setting: str = "one-class",
+              contaminations: list[float | None] | None = None) -> list[Cell]:
+    """The grid's cells in a stable order (model-major, then category, contamination, seed).
+    ``contaminations``: the blind-mix fractions (one cell each; ``[None]`` for other settings)."""
     params = params or {}
-    return [Cell(m, data, c, s, tuple(sorted(params.get(m, {}).items())))
-            for m in models for c in categories for s in seeds]
+    levels = list(contaminations) if contaminations else [None]
+    return [Cell(m, data, c, s, tuple(sorted(params.get(m, {}).items())), setting, lvl)
+            for m in models for c in categories for lvl in levels for s in seeds]
 
 
 __all__ = ["Cell", "run_cell", "run_grid", "cells_for", "read_results", "append_result", "execute_cell",

@@ -32,6 +32,7 @@ from typing import List, Optional, Tuple, Union
 
 from ..errors import DatasetError
 from .base import GOOD, AnomalyDataset, Record
+from .blind import SETTINGS, BlindSplit, blind_split, load_setting, normalize_setting
 from .folder import FolderDataset
 from .io import IMAGE_EXTENSIONS, is_image_file, list_images, read_image, read_mask
 from .mvtec import MVTEC_CATEGORIES, MVTecDataset
@@ -85,6 +86,11 @@ __all__ = [
     "load_dataset",
     "list_categories",
     "parse_spec",
+    "SETTINGS",
+    "BlindSplit",
+    "blind_split",
+    "load_setting",
+    "normalize_setting",
 ]
 
 SPEC_FORMS = "synthetic, synthetic:DIR, mvtec:DIR, visa:DIR or folder:DIR"

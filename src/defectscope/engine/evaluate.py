@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import load_dataset
+from ..data import load_setting
 from ..metrics import compute_metrics
 from ..models.base import create_model
 from ..models.base import AnomalyModel
@@ -117,27 +117,32 @@ def measure_speed(model: AnomalyModel, image: torch.Tensor, n_latency: int = 50,
 
 def run_experiment(model_name: str, params: dict | None = None, data: str = "synthetic", category: str | None = None,
                    seed: int = 0, setting: str = "one-class", save_to=None, measure: bool = True,
-                   n_latency: int = 50, artifacts_dir=None) -> dict[str, Any]:
+                   n_latency: int = 50, artifacts_dir=None, contamination: float | None = None) -> dict[str, Any]:
     """Fit ``model_name`` on the training split of ``data``/``category``, evaluate on its test
     split, time it, and return the result record. Errors are raised (the benchmark catches
     them per cell). ``artifacts_dir``: also save there what the report draws (image scores and a
-    few example images, masks and maps; see :mod:`defectscope.report.artifacts`)."""
+    few example images, masks and maps; see :mod:`defectscope.report.artifacts`). ``setting`` and
+    ``contamination``: the one-class setting or a blind one (:mod:`defectscope.data.blind`; the
+    split depends on ``seed`` and the data only, never on the model)."""
     params = dict(params or {})
     params.setdefault("seed", seed)
     model = create_model(model_name, **params)
-    train = load_dataset(data, category, "train", image_size=model.image_size, channels=model.channels)
-    test = load_dataset(data, category, "test", image_size=model.image_size, channels=model.channels)
+    split = load_setting(data, category, setting, contamination, seed, image_size=model.image_size,
+                         channels=model.channels)
+    train, test = split.train, split.test
     t0 = time.perf_counter()
     model.fit(train)
     fit_s = time.perf_counter() - t0
     metrics, predictions = evaluate(model, test)
+    if len(set(predictions["labels"].tolist())) < 2:  # blind-ano: one class, image metrics undefined
+        metrics.update({k: None for k in metrics if k.startswith("image_")})
     if artifacts_dir is not None:
         from ..report.artifacts import save_artifacts
 
         save_artifacts(artifacts_dir, predictions, test)
     record: dict[str, Any] = {
         "model": model.name, "params": model.params, "dataset": data.split(":", 1)[0],
-        "data": data, "category": train.category, "setting": setting, "seed": seed,
+        "data": data, "category": train.category, "seed": seed, **split.info(),
         **metrics, "fit_s": fit_s,
     }
     if measure:
@@ -152,7 +157,7 @@ def run_experiment(model_name: str, params: dict | None = None, data: str = "syn
             shutil.rmtree(tmp, ignore_errors=True)
     record.update({
         "peak_rss_mb": peak_rss_mb(), "device": str(model.device.type), "threads": torch.get_num_threads(),
-        "image_size": model.image_size, "n_train": len(train), "n_test": len(test),
+        "image_size": model.image_size,
         "versions": versions(), "hardware": hardware(), "error": None,
     })
     return record

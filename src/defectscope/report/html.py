@@ -24,13 +24,15 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .tables import COLUMNS, _fmt, csv_table, markdown_table, mean_rows
+from .tables import (COLUMNS, _fmt, blind_markdown, csv_table, is_blind, markdown_table, mean_rows, setting_label,
+                     setting_matrix, setting_of, training_share_note, with_setting_columns)
 
 __all__ = ["build_report", "render_html", "META_FILE", "REPORT_FILE"]
 
 META_FILE = "bench.json"
 REPORT_FILE = "report.html"
 MAP_FILE = "speed_accuracy.png"
+BLIND_FILE = "blind_contamination.png"
 MAX_EXAMPLES = 8
 
 # mean-table columns where the best value is highlighted, and which way is better
@@ -73,8 +75,9 @@ def _records(out: Path, meta: dict | None = None) -> list[dict]:
 
     def order(r: dict):
         seed = r.get("seed")
-        return (models.index(str(r["model"])), cats.index(str(r.get("category"))),
-                seed if isinstance(seed, (int, float)) else 0)
+        setting, c = setting_of(r)
+        return (models.index(str(r["model"])), cats.index(str(r.get("category"))), setting != "one-class", setting,
+                -1.0 if c is None else c, seed if isinstance(seed, (int, float)) else 0)
 
     return sorted(rows, key=order)
 
@@ -206,7 +209,7 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]], cls: str, best: b
 
 
 def _columns(records: list[dict], seeds: int) -> list[tuple[str, str, str]]:
-    cols = list(COLUMNS)
+    cols = with_setting_columns(list(COLUMNS), records)
     if seeds > 1:
         cols.insert(2, ("seed", "seed", "s"))
     if not any(r.get("error") for r in records):
@@ -249,6 +252,40 @@ def _header(records: list[dict], meta: dict) -> str:
     return f'<table class="meta">{body}</table>'
 
 
+def _blind_section(records: list[dict], figure: Path | None) -> str:
+    """The blind-setting tables (method x setting/contamination, mean over categories) and the
+    degradation figure."""
+    parts = ["<h2>Blind setting: degradation with contamination</h2>",
+             '<p class="note">Training sets mixing normal and unlabelled anomalous images (That\'s BAD, 2023). '
+             "<b>mix F %</b>: train/good plus F % of the anomalous test images, evaluated on the remaining test "
+             "images (mix 0 % is the one-class setting); <b>test</b>: the unlabelled test set is the training and "
+             "the evaluation set; <b>ano</b>: anomalous images only (pixel metrics only). The split depends on the "
+             "seed only, the same for every model. Mean over categories, in percent; <b>mix change</b>: last minus "
+             "first contamination level, in points.</p>"]
+    note = training_share_note(records)
+    if note:
+        parts.append(f'<p class="note">{_e(note)}</p>')
+    for metric, title in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO")):
+        cols, rows = setting_matrix(records, metric)
+        mix = [c for c in cols if c[0] in ("one-class", "blind-mix")]
+        head = "".join(f"<th>{_e(t)}</th>" for t in ["model"] + [setting_label(*c) for c in cols]
+                       + (["mix change"] if len(mix) > 1 else []))
+        body = []
+        for row in rows:
+            cells = [f"<td>{_e(row['model'])}</td>"] + [f'<td class="num">{_e(_fmt(row[c], "pct"))}</td>' for c in cols]
+            if len(mix) > 1:
+                a, b = row[mix[0]], row[mix[-1]]
+                cells.append(f'<td class="num">{"-" if a is None or b is None else f"{100 * (b - a):+.1f}"}</td>')
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append(f"<h3>{_e(title)}</h3><table class=\"blind\"><thead><tr>{head}</tr></thead>"
+                     f"<tbody>{''.join(body)}</tbody></table>")
+    if figure:
+        parts.append(f"<figure>{_img(figure, 'AUROC against contamination')}<figcaption>Image and pixel AUROC "
+                     "(mean over categories) against the share of the anomalous test images moved, unlabelled, into "
+                     "the training set.</figcaption></figure>")
+    return "\n".join(parts)
+
+
 def render_html(records: list[dict], meta: dict, figures: dict) -> str:
     """The report page for ``records`` (see :func:`build_report` for ``figures``)."""
     seeds = len({r.get("seed") for r in records if r.get("seed") is not None}) or 1
@@ -265,6 +302,8 @@ def render_html(records: list[dict], meta: dict, figures: dict) -> str:
                  "</p>")
     parts.append("<h2>Mean over categories</h2>")
     parts.append(_table(means, mean_cols, "results mean", best=True))
+    if is_blind(records):
+        parts.append(_blind_section(records, figures.get("blind")))
     parts.append("<h2>Accuracy vs speed</h2>")
     if figures.get("map"):
         left_out = [m["model"] for m in means if not (isinstance(m.get("latency_ms"), (int, float))
@@ -324,7 +363,7 @@ def build_report(out_dir, meta: dict | None = None) -> Path:
     """Write the tables, figures and ``report.html`` of the benchmark in ``out_dir``; returns the
     path of ``report.html``. Works on any ``results.jsonl``: failed cells, image-only models and
     records without saved artifacts each get what can be shown for them."""
-    from .plots import roc_figure, speed_accuracy_map, strip_figure
+    from .plots import contamination_figure, roc_figure, speed_accuracy_map, strip_figure
 
     out = Path(out_dir)
     if not out.is_dir():
@@ -342,7 +381,7 @@ def build_report(out_dir, meta: dict | None = None) -> Path:
     seeds = len({r.get("seed") for r in records if r.get("seed") is not None}) or 1
     means = mean_rows(records)
     (out / "results.md").write_text(f"# Per category\n\n{markdown_table(records)}\n\n# Mean over categories\n\n"
-                                    f"{markdown_table(means)}\n")
+                                    f"{markdown_table(means)}\n" + (f"\n{blind_markdown(records)}" if is_blind(records) else ""))
     (out / "results.csv").write_text(csv_table(records))
     (out / "results_mean.csv").write_text(csv_table(means))
 
@@ -351,7 +390,15 @@ def build_report(out_dir, meta: dict | None = None) -> Path:
     figures: dict[str, Any] = {"roc": {}, "strips": {}, "image_only": set()}
     n_cat = len({r.get("category") for r in records})
     title = f"Accuracy vs speed (mean over {n_cat} categor{'y' if n_cat == 1 else 'ies'})"
-    figures["map"] = speed_accuracy_map(means, out / MAP_FILE, title=title)
+    if is_blind(records):  # one point per model: the first setting column (one-class / the lowest contamination)
+        first = setting_matrix(records)[0][0]
+        title += f", {setting_label(*first)}"
+        figures["map"] = speed_accuracy_map([m for m in means if setting_of(m) == first], out / MAP_FILE, title=title)
+    else:
+        figures["map"] = speed_accuracy_map(means, out / MAP_FILE, title=title)
+    figures["blind"] = contamination_figure(records, out / BLIND_FILE) if is_blind(records) else None
+    if figures["blind"] is None:
+        (out / BLIND_FILE).unlink(missing_ok=True)
     if figures["map"] is None:
         (out / MAP_FILE).unlink(missing_ok=True)
     for model in dict.fromkeys(r["model"] for r in records):

@@ -6,6 +6,8 @@
 * :func:`roc_figure` -- a model's image-level ROC curves, one per category (and seed);
 * :func:`strip_figure` -- a model's example test images: image, ground truth, heatmap overlay and
   predicted mask, one column per image.
+* :func:`contamination_figure` -- the blind setting: how each model's image and pixel AUROC
+  degrade as the contamination of its training set grows.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["speed_accuracy_map", "roc_figure", "strip_figure"]
+__all__ = ["speed_accuracy_map", "roc_figure", "strip_figure", "contamination_figure"]
 
 
 def _pyplot():
@@ -160,5 +162,47 @@ def strip_figure(model: str, examples: Sequence[dict], path) -> Path | None:
             if j == 0:
                 ax.set_ylabel(rows[i], fontsize=9)
     fig.suptitle(f"{model}: example test images", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def contamination_figure(records: Sequence[dict], path, title: str = "Blind setting (Mix)") -> Path | None:
+    """Image AUROC and pixel AUROC (means over categories) against the contamination of the
+    training set (the blind-mix fraction; one-class counts as 0 %), one line per model. Returns
+    the path, or None when the records hold fewer than two contamination levels."""
+    from .tables import setting_matrix
+
+    panels = []
+    for metric, label in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")):
+        cols, rows = setting_matrix(records, metric)
+        mix = sorted({c for c in cols if c[0] in ("one-class", "blind-mix") and c[1] is not None}, key=lambda c: c[1])
+        levels = sorted({c[1] for c in mix})
+        if len(levels) < 2:
+            continue
+        lines = []
+        for row in rows:
+            pts = {}
+            for c in mix:  # blind-mix at 0 and one-class are the same split; either gives the point
+                if _finite(row.get(c)):
+                    pts.setdefault(c[1], row[c])
+            if pts:
+                xs = sorted(pts)
+                lines.append((row["model"], [100 * x for x in xs], [pts[x] for x in xs]))
+        if lines:
+            panels.append((label, lines, [100 * x for x in levels]))
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, (label, lines, xticks) in zip(axes[0], panels):
+        for i, (model, xs, ys) in enumerate(lines):
+            ax.plot(xs, ys, marker="o", lw=1.8, color=colors(i % 10), label=model)
+        ax.set_xticks(xticks)
+        ax.set_xlabel("contamination: anomalous test images moved into training, %")
+        ax.set_ylabel(f"{label} (mean over categories)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)

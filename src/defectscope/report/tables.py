@@ -36,8 +36,21 @@ def _fmt(value, fmt: str) -> str:
     return format(float(value), fmt)
 
 
+def is_blind(records: Iterable[dict]) -> bool:
+    """Whether any record comes from a blind setting (then tables show setting and contamination)."""
+    return any((r.get("setting") or "one-class") != "one-class" for r in records)
+
+
+def with_setting_columns(cols: list[tuple[str, str, str]], records: Sequence[dict]) -> list[tuple[str, str, str]]:
+    """``cols`` with the setting and contamination columns after the category when ``records`` are blind."""
+    if not is_blind(records) or any(c[0] == "setting" for c in cols):
+        return cols
+    at = next((i + 1 for i, c in enumerate(cols) if c[0] == "category"), 1)
+    return cols[:at] + [("setting", "setting", "s"), ("contamination", "contam. %", "pct")] + cols[at:]
+
+
 def _columns(records: Sequence[dict], columns) -> list[tuple[str, str, str]]:
-    cols = list(columns or COLUMNS)
+    cols = with_setting_columns(list(columns or COLUMNS), records)
     if not any(r.get("error") for r in records):
         cols = [c for c in cols if c[0] != "error"]
     return cols
@@ -83,16 +96,21 @@ def mean_rows(records: Iterable[dict]) -> list[dict]:
     (``mean of 3``, or ``-`` when none succeeded) and ``error`` holds the first error."""
     records = list(records)
     several = len({r.get("data", r.get("dataset")) for r in records}) > 1
+    blind = is_blind(records)  # one row per model, setting and contamination level
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r.get("model"), r.get("data", r.get("dataset")) if several else None), []).append(r)
+        groups.setdefault((r.get("model"), r.get("data", r.get("dataset")) if several else None)
+                          + (setting_of(r) if blind else ()), []).append(r)
     out = []
-    for (model, data), rows in groups.items():
+    for key, rows in groups.items():
+        model, data = key[:2]
         ok = [r for r in rows if not r.get("error")]
         row: dict = {"model": model, "category": f"mean of {len(ok)}" if ok else "-", "n_cells": len(rows),
                      "n_ok": len(ok)}
         if several:
             row["data"] = data
+        if blind:
+            row["setting"], row["contamination"] = key[2:]
         for key in NUMERIC:
             vals = [v for v in (_number(r.get(key)) for r in ok) if v is not None]
             row[key] = sum(vals) / len(vals) if vals else None
@@ -100,3 +118,84 @@ def mean_rows(records: Iterable[dict]) -> list[dict]:
         row["error"] = f"{len(errors)} of {len(rows)} failed: {errors[0]}" if errors else None
         out.append(row)
     return out
+
+
+# -- the blind setting -------------------------------------------------------------------------
+def setting_of(rec: dict) -> tuple[str, float | None]:
+    """``(setting, contamination)`` of a record; one-class counts as contamination 0."""
+    setting = rec.get("setting") or "one-class"
+    c = rec.get("contamination")
+    if setting == "one-class":
+        c = 0.0
+    return setting, (float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else None)
+
+
+_SETTING_ORDER = {"one-class": 0, "blind-mix": 1, "blind-test": 2, "blind-ano": 3}
+
+
+def setting_label(setting: str, contamination: float | None) -> str:
+    """A column title: ``one-class``, ``mix 10 %``, ``test``, ``ano``."""
+    if setting == "blind-mix":
+        return f"mix {100 * (contamination or 0):g} %"
+    return setting.replace("blind-", "")
+
+
+def setting_matrix(records: Iterable[dict], metric: str = "image_auroc") -> tuple[list[tuple], list[dict]]:
+    """The method x setting table of ``metric``: ``(columns, rows)``; ``columns`` are the
+    ``(setting, contamination)`` pairs present, one-class first, then blind-mix by growing
+    contamination, then blind-test and blind-ano; each row is ``{"model", (setting, c): mean over
+    the model's successful cells (categories, seeds), or None}``."""
+    records = [r for r in records if r.get("model")]
+    cols = sorted({setting_of(r) for r in records},
+                  key=lambda k: (_SETTING_ORDER.get(k[0], 9), k[0], -1.0 if k[1] is None else k[1]))
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in records):
+        row: dict = {"model": model}
+        for col in cols:
+            vals = [v for r in records if r["model"] == model and setting_of(r) == col and not r.get("error")
+                    for v in [_number(r.get(metric))] if v is not None]
+            row[col] = sum(vals) / len(vals) if vals else None
+        rows.append(row)
+    return cols, rows
+
+
+def setting_table(records: Iterable[dict], metric: str = "image_auroc") -> str:
+    """The method x setting (contamination) table of ``metric`` in Markdown, percentages; with a
+    last column ``change`` (last blind-mix level minus the first) when there are several levels.
+    Empty string when no record is blind."""
+    records = list(records)
+    if not is_blind(records):
+        return ""
+    cols, rows = setting_matrix(records, metric)
+    mix = [c for c in cols if c[0] in ("one-class", "blind-mix")]
+    head = ["model"] + [setting_label(*c) for c in cols] + (["mix change"] if len(mix) > 1 else [])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for row in rows:
+        cells = [str(row["model"])] + [_fmt(row[c], "pct") for c in cols]
+        if len(mix) > 1:
+            a, b = row[mix[0]], row[mix[-1]]
+            cells.append("-" if a is None or b is None else f"{100 * (b - a):+.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def training_share_note(records: Iterable[dict]) -> str:
+    """One line: the anomalous share of the training set at each setting column (mean over cells)."""
+    cols, rows = setting_matrix(records, "train_anomaly_rate")
+    shares = []
+    for c in cols:
+        vals = [r[c] for r in rows if r.get(c) is not None]
+        if vals:
+            shares.append(f"{setting_label(*c)}: {100 * sum(vals) / len(vals):.1f} %")
+    return ("Anomalous share of the (unlabelled) training set: " + "; ".join(shares) + ".") if shares else ""
+
+
+def blind_markdown(records: Iterable[dict]) -> str:
+    """The blind-setting section of ``results.md`` (image and pixel AUROC tables), or ``""``."""
+    records = list(records)
+    if not is_blind(records):
+        return ""
+    parts = ["# Blind setting: mean over categories (percent)"] + [n for n in [training_share_note(records)] if n]
+    for metric, title in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO")):
+        parts.append(f"## {title}\n\n{setting_table(records, metric)}")
+    return "\n\n".join(parts) + "\n"
