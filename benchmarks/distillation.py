@@ -17,8 +17,8 @@ defectscope the paper's 1e-4, anomalib 1e-3, its hard-coded value).
 Reverse Distillation: batch 16 (the paper's) on both sides. anomalib builds its bottleneck and
 decoder only for ResNet backbones (``get_decoder`` raises for EfficientNet), and no ResNet ImageNet
 weights exist offline here, so its side records that error for the default backbone;
-``--rd-speed-resnet18`` adds a speed-only comparison of both implementations at the same ResNet18
-architecture with random weights.
+``--speed-only reverse_distillation_resnet18`` times both implementations at the same ResNet18
+architecture with random weights (``--speed-only stfpm``: STFPM without training).
 EfficientAD: defectscope's ``efficientad`` (if present) against the runner's EfficientAD branch.
 
 The anomaly maps differ by design where the papers say so: defectscope blurs every map (sigma 4;
@@ -70,41 +70,68 @@ def cases(epochs: int) -> list[Case]:
     ]
 
 
-# Speed at equal architecture where anomalib cannot run the default backbone: Reverse Distillation
-# with a ResNet18 encoder (anomalib's OCBE(BasicBlock, 2) + de_resnet18; defectscope's bottleneck and
-# decoder have the same layers for ResNet18), random weights on both sides (no ResNet ImageNet
-# weights offline; speed does not depend on the weights, accuracy is not measured).
-_SPEED_OURS = r"""
+# Speed only (no training, so no accuracy): both implementations built as they are after fit and
+# timed on the same input, A/B interleaved. Speed does not depend on the weights' values.
+# * stfpm: EfficientNet-Lite0 teacher (ImageNet) and student at blocks.1/2/4 on both sides;
+# * reverse_distillation_resnet18: anomalib cannot build RD for EfficientNet (get_decoder), so both
+#   sides use a ResNet18 encoder (anomalib's OCBE(BasicBlock, 2) + de_resnet18; defectscope's
+#   bottleneck/decoder have the same layers for ResNet18), random weights (no ResNet ImageNet
+#   weights offline).
+_SPEED = {
+    ("defectscope", "stfpm"): """
+m = create_model("stfpm", image_size=size, layers=["blocks.1", "blocks.2", "blocks.4"])
+m._build()
+""",
+    ("defectscope", "reverse_distillation_resnet18"): """
+m = create_model("reverse_distillation", backbone="resnet18", image_size=size)
+m._build(pretrained=False)
+""",
+    ("anomalib", "stfpm"): """
+m = STFPMModel(layers=["blocks.1", "blocks.2", "blocks.4"], backbone="tf_efficientnet_lite0").eval()
+""",
+    ("anomalib", "reverse_distillation_resnet18"): """
+m = ReverseDistillationModel(backbone="resnet18", input_size=(size, size), layers=["layer1", "layer2", "layer3"],
+                             anomaly_map_mode="add", pre_trained=False).eval()
+""",
+}
+_SPEED_HEAD = {
+    "defectscope": """
 import json, statistics, sys, time, torch
 threads, size = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(threads)
 from defectscope.models import create_model
-m = create_model("reverse_distillation", backbone="resnet18", image_size=size)
-m._build(pretrained=False)
-m.fitted = True
-m.eval()
-n_params = sum(p.numel() for p in m.parameters())
-x = torch.rand(1, 3, size, size)
-run = lambda t: m.predict(t)
-"""
-_SPEED_REF = r"""
-import json, statistics, sys, time, torch
+""",
+    "anomalib": """
+import json, os, statistics, sys, time
+from pathlib import Path
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = str(Path(sys.prefix) / "hf-cache")  # made by reference_anomalib.py
+import torch
 threads, size = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(threads)
+from anomalib.models.image.stfpm.torch_model import STFPMModel
 from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
-m = ReverseDistillationModel(backbone="resnet18", input_size=(size, size), layers=["layer1", "layer2", "layer3"],
-                             anomaly_map_mode="add", pre_trained=False).eval()
-n_params = sum(p.numel() for p in m.parameters())
-x = torch.rand(1, 3, size, size)
+""",
+}
+_SPEED_RUN = {
+    "defectscope": """
+m.fitted = True
+m.eval()
+run = m.predict
+""",
+    "anomalib": """
 def run(t):
     with torch.no_grad():
         return m(t)
-"""
-_SPEED_TAIL = r"""
+""",
+}
+_SPEED_TAIL = """
+n_params = sum(p.numel() for p in m.parameters())
+x = torch.rand(1, 3, size, size)
 for _ in range(5):
     run(x)
 times = []
-for _ in range(50):
+for _ in range(int(sys.argv[3])):
     t0 = time.perf_counter(); run(x); times.append(time.perf_counter() - t0)
 xb = x.expand(16, *x.shape[1:]).contiguous()
 run(xb)
@@ -116,9 +143,9 @@ print(json.dumps({"latency_ms": statistics.median(times) * 1000, "throughput_ips
 """
 
 
-def rd_speed_resnet18(threads: int, image_size: int, repeats: int) -> str:
-    """Batch-1 latency and batch-16 throughput of both Reverse Distillation implementations with a
-    ResNet18 encoder (random weights), A/B interleaved; returns a Markdown section."""
+def speed_only(models: list[str], threads: int, image_size: int, repeats: int, n_latency: int = 50) -> str:
+    """Batch-1 latency (median of ``n_latency`` after 5 warm-up) and batch-16 throughput of both
+    implementations of each model, fresh processes, A/B interleaved; returns a Markdown section."""
     import json
     import os
     import statistics
@@ -128,29 +155,38 @@ def rd_speed_resnet18(threads: int, image_size: int, repeats: int) -> str:
 
     env = _env(threads)
     env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
-    runs: dict[str, list[dict]] = {"defectscope": [], "anomalib": []}
-    for _ in range(repeats):
-        for side, py, code in (("defectscope", sys.executable, _SPEED_OURS), ("anomalib", str(reference_python()), _SPEED_REF)):
-            proc = subprocess.run([py, "-c", code + _SPEED_TAIL, str(threads), str(image_size)], env=env, cwd=REPO,
-                                  capture_output=True, text=True, timeout=1800)
-            if proc.returncode:
-                runs[side].append({"error": proc.stderr[-500:]})
-            else:
-                runs[side].append({**json.loads(proc.stdout.strip().splitlines()[-1]), "load": os.getloadavg()[0]})
-    lines = [f"## reverse_distillation, ResNet18 encoder, random weights: speed only ({repeats} run(s) per side)", "",
-             "| metric | defectscope | anomalib | ratio |", "|---|---:|---:|---:|"]
-    for key, label in (("latency_ms", "latency, batch 1 (ms)"), ("throughput_ips", "throughput, batch 16 (img/s)"),
-                       ("parameters", "parameters")):
-        vals = {s: [r[key] for r in rs if key in r] for s, rs in runs.items()}
-        a, b = (statistics.median(vals[s]) if vals[s] else None for s in ("defectscope", "anomalib"))
-        ratio = f"{a / b:.2f}" if a is not None and b else "n/a"
-        lines.append(f"| {label} | {'n/a' if a is None else f'{a:.1f}'} | {'n/a' if b is None else f'{b:.1f}'} | {ratio} |")
-    errors = [f"{s}: {r['error']}" for s, rs in runs.items() for r in rs if "error" in r]
-    lines += [""] + [f"- error: {e}" for e in errors]
-    lines.append("- same layers on both sides (anomalib OCBE(BasicBlock, 2) + de_resnet18; defectscope's "
-                 "bottleneck/decoder for ResNet18 channels); 1-min load average after each run: "
-                 + "; ".join(f"{s} " + ", ".join(f"{r['load']:.2f}" for r in rs if "load" in r) for s, rs in runs.items()))
-    return "\n".join(lines) + "\n"
+    pythons = {"defectscope": sys.executable, "anomalib": str(reference_python())}
+    out = []
+    for model in models:
+        runs: dict[str, list[dict]] = {"defectscope": [], "anomalib": []}
+        for _ in range(repeats):
+            for side in ("defectscope", "anomalib"):
+                code = _SPEED_HEAD[side] + _SPEED[(side, model)] + _SPEED_RUN[side] + _SPEED_TAIL
+                load = os.getloadavg()[0]
+                proc = subprocess.run([pythons[side], "-c", code, str(threads), str(image_size), str(n_latency)], env=env, cwd=REPO,
+                                      capture_output=True, text=True, timeout=1800)
+                if proc.returncode:
+                    runs[side].append({"error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else
+                                       f"exit {proc.returncode}"})
+                else:
+                    runs[side].append({**json.loads(proc.stdout.strip().splitlines()[-1]), "load": load})
+        lines = [f"## {model}: speed only, {image_size}x{image_size}, {threads} threads ({repeats} run(s) per side, "
+                 f"median of {n_latency} batch-1 calls)", "",
+                 "| metric | defectscope | anomalib | ratio |", "|---|---:|---:|---:|"]
+        for key, label, fmt in (("latency_ms", "latency, batch 1 (ms)", "{:.1f}"),
+                                ("throughput_ips", "throughput, batch 16 (img/s)", "{:.1f}"),
+                                ("parameters", "parameters", "{:,.0f}")):
+            vals = {sd: [r[key] for r in rs if key in r] for sd, rs in runs.items()}
+            a, b = (statistics.median(vals[sd]) if vals[sd] else None for sd in ("defectscope", "anomalib"))
+            ratio = f"{a / b:.2f}" if a is not None and b else "n/a"
+            lines.append(f"| {label} | {'n/a' if a is None else fmt.format(a)} | {'n/a' if b is None else fmt.format(b)} "
+                         f"| {ratio} |")
+        lines.append("")
+        lines += [f"- {sd} error: {r['error']}" for sd, rs in runs.items() for r in rs if "error" in r]
+        lines.append("- 1-min load average at the start of each run: " + "; ".join(
+            f"{sd} " + ", ".join(f"{r['load']:.2f}" for r in rs if "load" in r) for sd, rs in runs.items()))
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -173,11 +209,27 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=7200, help="seconds per run (default 7200)")
     p.add_argument("--quiet-load", type=float, default=None, help="before each run, wait (up to 30 "
                    "min) until the 1-min load average is at most this (e.g. 0.5 on a shared machine)")
-    p.add_argument("--rd-speed-resnet18", action="store_true", help="also time both Reverse Distillation "
-                   "implementations with a ResNet18 encoder (random weights; speed only), appended to --out")
+    p.add_argument("--speed-only", default=None, help="comma-separated subset of stfpm,"
+                   "reverse_distillation_resnet18: time both implementations without training (no "
+                   "accuracy); written to --out instead of the full comparison")
+    p.add_argument("--n-latency", type=int, default=50, help="--speed-only: batch-1 calls timed (default 50)")
     p.add_argument("--out", default=str(DEFAULT_OUT_DIR / "distillation.md"), help="Markdown table")
     args = p.parse_args(argv)
 
+    if args.speed_only:
+        section = speed_only([m.strip() for m in args.speed_only.split(",") if m.strip()], args.threads,
+                             args.image_size, args.repeats, args.n_latency)
+        from _harness import hardware
+
+        hw = hardware()
+        text = ("# Distillation methods, speed only: defectscope vs anomalib 2.7.0\n\n"
+                f"- hardware: {hw['cpu']}, {hw['cores']} cores; {hw['platform']}, Python {hw['python']}\n"
+                f"- threads: {args.threads} (torch.set_num_threads and OMP_NUM_THREADS, both sides); "
+                "CPU; fresh process per run; ratio = defectscope / anomalib\n\n" + section)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(text)
+        return 0
     wanted = {m.strip() for m in args.models.split(",") if m.strip()}
     run_comparison(
         cases(args.epochs), title=f"Distillation methods ({args.epochs} epochs): defectscope vs anomalib 2.7.0",
@@ -187,11 +239,6 @@ def main(argv=None) -> int:
         data_dir=args.data_dir, timeout=args.timeout, select=lambda c: c.name in wanted,
         quiet_load=args.quiet_load,
     )
-    if args.rd_speed_resnet18:
-        section = rd_speed_resnet18(args.threads, args.image_size, args.repeats)
-        print(section)
-        with open(args.out, "a") as fh:
-            fh.write("\n" + section)
     return 0
 
 

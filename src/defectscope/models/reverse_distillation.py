@@ -28,7 +28,9 @@ decoder are the ResNet18 variant of the authors' code (BasicBlocks, 2 per stage)
 counts adapted to the encoder's layers (code width 2 x the deepest layer's channels, as 1024 ->
 2048 in the paper); with a ResNet encoder the channel counts are the authors' exactly
 (Wide-ResNet50-2 uses bottleneck blocks there, 3 per stage; here BasicBlocks of the same widths).
-The input size must be a multiple of 32.
+EfficientNet stage outputs are signed (linear bottlenecks), so the last block of each decoder
+stage has no final ReLU there (the authors' decoder ends every block with a ReLU, matching ResNet's
+non-negative features). The input size must be a multiple of 32.
 
 Inference runs BatchNorm-folded copies of encoder, bottleneck and decoder (exact up to float
 rounding).
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import get_spec
 from ..backbones.resnet import BasicBlock
 from ..engine.train import auto_device, load_images, seed_everything, train_loop
 from ..errors import DefectscopeError
@@ -83,10 +86,12 @@ class OneClassBottleneck(nn.Module):
 
 class DeBasicBlock(nn.Module):
     """The authors' decoder BasicBlock: the first conv is a 2x2 stride-2 transposed convolution
-    when the block upsamples, the shortcut likewise (``de_resnet.BasicBlock``)."""
+    when the block upsamples, the shortcut likewise (``de_resnet.BasicBlock``). ``out_relu=False``
+    drops the final ReLU (for encoders whose features are signed, see :class:`Decoder`)."""
 
-    def __init__(self, c_in: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, c_in: int, planes: int, stride: int = 1, out_relu: bool = True) -> None:
         super().__init__()
+        self.out_relu = out_relu
         if stride == 2:
             self.conv1 = nn.ConvTranspose2d(c_in, planes, 2, 2, bias=False)
         else:
@@ -102,19 +107,27 @@ class DeBasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         identity = x if self.upsample is None else self.upsample(x)
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + identity, inplace=True)
+        out = self.bn2(self.conv2(out)) + identity
+        return F.relu(out, inplace=True) if self.out_relu else out
 
 
 class Decoder(nn.Module):
-    """Student decoder: code ``[B, 2 C3, H/32, W/32]`` -> ``[f_D^1, f_D^2, f_D^3]`` (strides 4/8/16)."""
+    """Student decoder: code ``[B, 2 C3, H/32, W/32]`` -> ``[f_D^1, f_D^2, f_D^3]`` (strides 4/8/16).
 
-    def __init__(self, channels: tuple[int, int, int], blocks: int = 2) -> None:
+    ``signed_outputs=True`` (encoders whose tapped features can be negative, e.g. EfficientNet's
+    linear-bottleneck stage outputs; ResNet stage outputs are post-ReLU) drops the final ReLU of
+    each stage's last block, whose output is compared with the encoder's features: a ReLU output
+    could never point the way of a feature vector with negative entries.
+    """
+
+    def __init__(self, channels: tuple[int, int, int], blocks: int = 2, signed_outputs: bool = False) -> None:
         super().__init__()
         c1, c2, c3 = channels
         stages, c_in = [], 2 * c3
         for planes in (c3, c2, c1):
-            stages.append(nn.Sequential(DeBasicBlock(c_in, planes, 2), *[DeBasicBlock(planes, planes) for _ in range(1, blocks)]))
+            mods = [DeBasicBlock(c_in, planes, 2)] + [DeBasicBlock(planes, planes) for _ in range(1, blocks)]
+            mods[-1].out_relu = not signed_outputs
+            stages.append(nn.Sequential(*mods))
             c_in = planes
         self.stages = nn.ModuleList(stages)
         _init(self)
@@ -172,11 +185,15 @@ class ReverseDistillation(BackboneModel):
                                    f"{layers} have strides {strides}")
         return tuple(self.backbone.channels[l] for l in layers)
 
+    def _signed(self) -> bool:
+        """Whether the encoder's tapped features can be negative (all but ResNet's post-ReLU stages)."""
+        return get_spec(self.params["backbone"]).family != "resnet"
+
     def _build(self, pretrained: bool = True) -> None:
         self.build_backbone(pretrained)  # the frozen teacher encoder
         channels = self._channels()
         self.bottleneck = OneClassBottleneck(channels, int(self.params["blocks"]))
-        self.decoder = Decoder(channels, int(self.params["blocks"]))
+        self.decoder = Decoder(channels, int(self.params["blocks"]), self._signed())
         self._cache = InferenceCache()
 
     def _check_size(self) -> None:
@@ -200,7 +217,7 @@ class ReverseDistillation(BackboneModel):
         gen = seed_everything(int(p["seed"]))
         channels = self._channels()
         self.bottleneck = OneClassBottleneck(channels, int(p["blocks"]))  # initialised from the seed
-        self.decoder = Decoder(channels, int(p["blocks"]))
+        self.decoder = Decoder(channels, int(p["blocks"]), self._signed())
         self._cache.clear()
         device = auto_device(p["device"])
         self.to(device)
