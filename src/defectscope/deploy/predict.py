@@ -69,7 +69,7 @@ def predict_paths(model, paths: Iterable, out_dir="predictions", *, heatmap: boo
     from ..report.visual import colorize
     from ..report.visual import overlay as blend
 
-    inf = model if isinstance(model, Inferencer) else Inferencer(model, device=device)
+    inf = model if isinstance(model, Inferencer) else Inferencer(model, device=device, warmup=False)
     if inf.calibration is None:
         raise DefectscopeError(f"{model}: the model has no calibrated threshold; run 'defectscope calibrate "
                                f"{model} --normal DIR' (or fit it again with a validation split)")
