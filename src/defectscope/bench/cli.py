@@ -215,7 +215,8 @@ def bench_main(args) -> int:
 
     def show(rec):
         status = f"error: {rec['error']}" if rec.get("error") else (
-            f"image AUROC {rec.get('image_auroc', float('nan')):.3f}")
+            f"image AUROC {rec['image_auroc']:.3f}" if isinstance(rec.get("image_auroc"), (int, float))
+            else f"pixel AUROC {rec.get('pixel_auroc') or float('nan'):.3f} (no image metric)")
         where = "" if setting == "one-class" else f" {setting}" + (
             f" {rec.get('contamination'):g}" if isinstance(rec.get("contamination"), (int, float)) else "")
         print(f"  {rec['model']:<12} {str(rec.get('category')):<12}{where} {status}", flush=True)
