@@ -198,6 +198,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_distill_teacher(args) -> int:
+    from .distill import distill_teacher, save_teacher
+
+    teacher, info = distill_teacher(args.images, size=args.size, backbone=args.backbone, weights=args.weights,
+                                    steps=args.steps, batch_size=args.batch_size, image_size=args.image_size,
+                                    width=args.width, seed=args.seed, device=args.device, category=args.category,
+                                    max_images=args.max_images)
+    save_teacher(teacher, args.out, info)
+    loss = info["loss"]
+    print(f"distilled PDN-{info['size']} from {args.backbone} on {args.images} ({info['n_images']} images, "
+          f"{info['steps']} steps): loss {loss[0]:.4g} -> {loss[-1]:.4g} -> {args.out}")
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------
 def _calibration_arguments(s) -> None:
     from .deploy.threshold import DEFAULT_FPR
@@ -223,6 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("backbones", help="list pretrained backbones, their layers and whether weights were found")
     s.set_defaults(func=cmd_backbones)
+
+    s = sub.add_parser("distill-teacher", help="distil an EfficientAD PDN teacher from a pretrained backbone on a "
+                       "folder of images (offline stand-in for the paper's ImageNet teacher)")
+    s.add_argument("--images", default="generic", help="'generic' (procedural dead-leaves images, default), a "
+                   "folder (searched recursively) or a data set spec (its training images)")
+    s.add_argument("--category", help="category, when --images is a data set spec")
+    s.add_argument("--out", required=True, help="teacher file to write (.safetensors)")
+    s.add_argument("--size", choices=("S", "M", "s", "m"), default="S", help="PDN size (default S)")
+    s.add_argument("--backbone", default="efficientnet_lite0", help="feature source (see 'defectscope backbones')")
+    s.add_argument("--weights", help="backbone weights file (default: found offline)")
+    s.add_argument("--steps", type=int, default=60000, help="optimiser steps (default 60000; rounded up to whole passes)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--image-size", type=int, default=256, help="PDN input side (the backbone sees twice this)")
+    s.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the paper's PDN)")
+    s.add_argument("--max-images", type=int, default=1000, help="at most this many images of a folder / data set")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", help="cpu, cuda... (default: CUDA when present)")
+    s.set_defaults(func=cmd_distill_teacher)
 
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_verb", required=True, metavar="VERB")
     s = data.add_parser("synth", help="write the built-in synthetic set (MVTec layout)")

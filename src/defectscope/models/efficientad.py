@@ -219,7 +219,8 @@ class EfficientAD(AnomalyModel):
         if src in (None, "none", False):
             return None
         if src == "generic":
-            return generic_images(min(256, max(8, n_steps)), s, seed=seed + 1, grayscale_p=0.3)
+            # one image per 8 steps (each seen in 8 flips/rotations), 8 to 256 images
+            return generic_images(min(256, max(8, n_steps // 8)), s, seed=seed + 1, grayscale_p=0.3)
         from ..distill import source_images
 
         big = source_images(str(src), 2 * s, max_images=500, seed=seed)
