@@ -176,3 +176,11 @@ def test_uncalibrated_model_exports_raw_outputs(model_dirs):
     model = load_model(model_dirs["padim"])
     model.calibration = None
     assert InferenceGraph(model).output_names == ("score", "anomaly_map")
+
+
+def test_export_verb_has_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--format" in out and "--int8" in out and "--out" in out

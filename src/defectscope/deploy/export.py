@@ -189,7 +189,7 @@ def _quiet():
     stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")
-    for name in ("torch.onnx", "torch.export", "torch._export", "torch.fx", "onnxscript", "torch._dynamo"):
+    for name in ("torch.onnx", "torch.export", "torch._export", "torch.fx", "onnxscript", "torch._dynamo", "nncf"):
         logger = logging.getLogger(name)
         old = logger.level
         logger.setLevel(logging.ERROR)
