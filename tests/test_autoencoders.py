@@ -11,6 +11,7 @@ input sits near 0.5 and fails them.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from defectscope.engine import run_experiment
 
@@ -34,3 +35,11 @@ def test_autoencoder_learns_the_synthetic_set(name, ae_synth):
     assert image >= 0.6, recs
     assert pixel >= 0.65, recs
     assert all(0 < r["aupro"] <= 1 for r in recs)
+
+
+def test_image_size_not_a_multiple_is_a_clear_error():
+    from defectscope.errors import DefectscopeError
+    from defectscope.models import create_model
+
+    with pytest.raises(DefectscopeError, match="multiple of 4.*--image-size 64"):
+        create_model("sae", image_size=66, channels=1, epochs=1).fit([{"image": torch.zeros(1, 66, 66)}])

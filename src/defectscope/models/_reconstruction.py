@@ -8,6 +8,7 @@ from torch import nn
 
 from ..engine.train import auto_device, load_images, seed_everything, train_loop
 from ..ops.blur import gaussian_blur
+from ..errors import DefectscopeError
 from .base import AnomalyModel, Prediction
 
 
@@ -32,7 +33,8 @@ class ReconstructionModel(AnomalyModel):
 
     def _check_size(self, multiple: int) -> None:
         if self.image_size % multiple:
-            raise ValueError(f"{self.name}: image_size must be a multiple of {multiple}, got {self.image_size}")
+            raise DefectscopeError(f"{self.name}: image_size must be a multiple of {multiple}, got {self.image_size}; "
+                                   f"pass --image-size {max(multiple, self.image_size // multiple * multiple)}")
 
     def _fit(self, dataset, val_dataset=None) -> None:
         p = self.params

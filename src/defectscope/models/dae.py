@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DefectscopeError
 from ..ops.ssim import ssim, ssim_map
 from ._reconstruction import ReconstructionModel
 from .base import register
@@ -87,7 +88,7 @@ class DeepAE(ReconstructionModel):
     def _build(self, pretrained: bool = True) -> None:
         self._check_size(16)
         if self.params["map"] not in ("l2", "ssim"):
-            raise ValueError(f"dae: map must be 'l2' or 'ssim', got {self.params['map']!r}")
+            raise DefectscopeError(f"dae: map must be 'l2' or 'ssim', got {self.params['map']!r}")
         self.net = DeepAENet(self.channels, self.image_size, int(self.params["latent"]))
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
