@@ -468,3 +468,38 @@ __all__ = ["Case", "ROWS", "hardware", "import_defectscope", "make_data", "markd
 
 if __name__ == "__main__":  # pragma: no cover
     print(textwrap.dedent(__doc__))
+
+
+def add_common_args(p, *, n_train: int, models: str, out_name: str) -> None:
+    """The options every side-by-side script shares (data, threads, repeats, runs, output)."""
+    p.add_argument("--n-train", type=int, default=n_train, help=f"training images per category (default {n_train})")
+    p.add_argument("--repeats", type=int, default=1, help="runs per side, interleaved A/B (default 1)")
+    p.add_argument("--categories", default="washer", help="comma-separated synthetic categories "
+                   "(washer, fabric; default washer)")
+    p.add_argument("--models", default=models, help=f"comma-separated subset of {models}")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-reference", action="store_true", help="run defectscope only")
+    p.add_argument("--skip-ours", action="store_true", help="run the reference only")
+    p.add_argument("--data-dir", default=None, help="write / reuse the synthetic set here "
+                   "(default: defectscope's cache)")
+    p.add_argument("--timeout", type=float, default=7200, help="seconds per run (default 7200)")
+    p.add_argument("--quiet-load", type=float, default=None, help="before each run, wait (up to 30 "
+                   "min) until the 1-min load average is at most this (e.g. 0.5 on a shared machine)")
+    p.add_argument("--out", default=str(DEFAULT_OUT_DIR / out_name), help="Markdown table")
+
+
+def run_from_args(cases: list, title: str, args) -> int:
+    """:func:`run_comparison` of the cases named by ``--models``, with the options of
+    :func:`add_common_args`."""
+    wanted = {m.strip() for m in args.models.split(",") if m.strip()}
+    run_comparison(
+        cases, title=title, n_train=args.n_train,
+        categories=[c.strip() for c in args.categories.split(",") if c.strip()],
+        repeats=args.repeats, threads=args.threads, image_size=args.image_size, seed=args.seed,
+        skip_reference=args.skip_reference, skip_ours=args.skip_ours, out=args.out,
+        data_dir=args.data_dir, timeout=args.timeout, select=lambda c: c.name in wanted,
+        quiet_load=args.quiet_load,
+    )
+    return 0

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import DEFAULT_OUT_DIR, Case, run_comparison  # noqa: E402
+from _harness import Case, add_common_args, run_from_args  # noqa: E402
 
 BACKBONE_OURS = "efficientnet_lite0"
 BACKBONE_REF = "tf_efficientnet_lite0"
@@ -193,27 +193,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=10, help="training epochs, both sides (default 10; "
                    "the papers: STFPM 100, RD 200)")
-    p.add_argument("--n-train", type=int, default=64, help="training images per category (default 64)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per side, interleaved A/B (default 1)")
-    p.add_argument("--categories", default="washer", help="comma-separated synthetic categories "
-                   "(washer, fabric; default washer)")
-    p.add_argument("--models", default="stfpm,reverse_distillation,efficientad",
-                   help="comma-separated subset of stfpm,reverse_distillation,efficientad")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-reference", action="store_true", help="run defectscope only")
-    p.add_argument("--skip-ours", action="store_true", help="run the reference only")
-    p.add_argument("--data-dir", default=None, help="write / reuse the synthetic set here "
-                   "(default: defectscope's cache)")
-    p.add_argument("--timeout", type=float, default=7200, help="seconds per run (default 7200)")
-    p.add_argument("--quiet-load", type=float, default=None, help="before each run, wait (up to 30 "
-                   "min) until the 1-min load average is at most this (e.g. 0.5 on a shared machine)")
+    add_common_args(p, n_train=64, models="stfpm,reverse_distillation,efficientad", out_name="distillation.md")
     p.add_argument("--speed-only", default=None, help="comma-separated subset of stfpm,"
                    "reverse_distillation_resnet18: time both implementations without training (no "
                    "accuracy); written to --out instead of the full comparison")
     p.add_argument("--n-latency", type=int, default=50, help="--speed-only: batch-1 calls timed (default 50)")
-    p.add_argument("--out", default=str(DEFAULT_OUT_DIR / "distillation.md"), help="Markdown table")
     args = p.parse_args(argv)
 
     if args.speed_only:
@@ -230,17 +214,8 @@ def main(argv=None) -> int:
         Path(args.out).write_text(text)
         print(text)
         return 0
-    wanted = {m.strip() for m in args.models.split(",") if m.strip()}
-    run_comparison(
-        cases(args.epochs), title=f"Distillation methods ({args.epochs} epochs): defectscope vs anomalib 2.7.0",
-        n_train=args.n_train, categories=[c.strip() for c in args.categories.split(",") if c.strip()],
-        repeats=args.repeats, threads=args.threads, image_size=args.image_size, seed=args.seed,
-        skip_reference=args.skip_reference, skip_ours=args.skip_ours, out=args.out,
-        data_dir=args.data_dir, timeout=args.timeout, select=lambda c: c.name in wanted,
-        quiet_load=args.quiet_load,
-    )
-    return 0
-
+    return run_from_args(cases(args.epochs),
+                         f"Distillation methods ({args.epochs} epochs): defectscope vs anomalib 2.7.0", args)
 
 if __name__ == "__main__":
     sys.exit(main())
