@@ -19,7 +19,9 @@ decoder only for ResNet backbones (``get_decoder`` raises for EfficientNet), and
 weights exist offline here, so its side records that error for the default backbone;
 ``--speed-only reverse_distillation_resnet18`` times both implementations at the same ResNet18
 architecture with random weights (``--speed-only stfpm``: STFPM without training).
-EfficientAD: defectscope's ``efficientad`` (if present) against the runner's EfficientAD branch.
+EfficientAD-S: ``--efficientad-steps`` steps at batch 1 on both sides, the same PDN teacher file
+(``--teacher``, or one distilled here from EfficientNet-Lite0 on generic images) and generic
+penalty images (written as PNGs for anomalib, which would otherwise download imagenette).
 
 The anomaly maps differ by design where the papers say so: defectscope blurs every map (sigma 4;
 anomalib's STFPM does not blur, its RD does).
@@ -30,6 +32,7 @@ next to it; per-run JSON / arrays under ``runs/`` beside it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -42,7 +45,9 @@ BACKBONE_REF = "tf_efficientnet_lite0"
 LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
 
 
-def cases(epochs: int) -> list[Case]:
+def cases(epochs: int, ead: dict | None = None) -> list[Case]:
+    """The three comparisons; ``ead``: EfficientAD's shared inputs (:func:`efficientad_inputs`)."""
+    ead = ead or {"steps": 0, "teacher": None, "penalty_dir": None, "teacher_note": "none", "n_penalty": 0}
     return [
         Case(
             name="stfpm", ours_model="stfpm", ref_model="stfpm",
@@ -63,11 +68,54 @@ def cases(epochs: int) -> list[Case]:
         ),
         Case(
             name="efficientad", ours_model="efficientad", ref_model="efficientad",
-            ours={"epochs": epochs, "channels": 3},
-            reference={"epochs": epochs},
-            notes=["EfficientAD: see the EfficientAD section of the README for its teacher and penalty images"],
+            ours={"steps": ead["steps"], "teacher": ead["teacher"], "size": "S", "channels": 3},
+            reference={"steps": ead["steps"], "teacher": ead["teacher"], "penalty_dir": ead["penalty_dir"],
+                       "model_size": "small"},
+            notes=[f"EfficientAD-S, {ead['steps']} steps at batch 1 on both sides (the paper: 70 000), the same "
+                   f"PDN teacher file ({ead['teacher_note']}) loaded into both",
+                   "penalty images: defectscope its built-in generic dead-leaves images, anomalib "
+                   f"{ead['n_penalty']} of the same kind written as PNG files (in place of imagenette)",
+                   "map quantiles on both sides from 10 % held-out normal training images, not trained on (the "
+                   "runner sets anomalib's val_split_mode=from_train; its default would take them from the test set)"],
         ),
     ]
+
+
+def efficientad_inputs(args, n_fit: int) -> dict:
+    """What both EfficientAD sides share: one PDN-S teacher file (``--teacher``, or distilled here
+    from EfficientNet-Lite0 on generic images with ``--teacher-steps``) and a folder of generic
+    penalty images for anomalib (which would otherwise download imagenette). The step count is
+    rounded up to whole passes over defectscope's ``n_fit`` training images (its loop trains in
+    whole passes), and the same count is given to anomalib's ``max_steps``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import torch
+    from PIL import Image
+
+    from defectscope.distill import distill_teacher, save_teacher
+    from defectscope.models._pdn import generic_images
+
+    work = Path(args.out).resolve().parent / "efficientad_inputs"
+    steps = math.ceil(args.efficientad_steps / n_fit) * n_fit
+    if args.teacher:
+        teacher, note = Path(args.teacher).expanduser().resolve(), f"given: {args.teacher}"
+    else:
+        teacher = work / f"pdn_s_lite0_generic_{args.teacher_steps}steps.safetensors"
+        note = (f"distilled here from EfficientNet-Lite0 on generic images, {args.teacher_steps} steps of batch 16 "
+                "at 128 px")
+        if not teacher.is_file():
+            torch.set_num_threads(args.threads)
+            pdn, info = distill_teacher("generic", size="S", steps=args.teacher_steps, batch_size=16,
+                                        image_size=128, seed=args.seed)
+            save_teacher(pdn, teacher, info)
+    penalty = work / "penalty"
+    n_penalty = 64
+    if len(list(penalty.glob("*.png"))) != n_penalty:
+        penalty.mkdir(parents=True, exist_ok=True)
+        imgs = generic_images(n_penalty, 2 * args.image_size, seed=args.seed + 1, grayscale_p=0.0)
+        for i, img in enumerate(imgs):
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(penalty / f"generic_{i:03d}.png")
+    return {"steps": steps, "teacher": str(teacher), "penalty_dir": str(penalty), "teacher_note": note,
+            "n_penalty": n_penalty}
 
 
 # Speed only (no training, so no accuracy): both implementations built as they are after fit and
@@ -197,6 +245,12 @@ def main(argv=None) -> int:
     p.add_argument("--speed-only", default=None, help="comma-separated subset of stfpm,"
                    "reverse_distillation_resnet18: time both implementations without training (no "
                    "accuracy); written to --out instead of the full comparison")
+    p.add_argument("--efficientad-steps", type=int, default=1000, help="EfficientAD training steps at "
+                   "batch 1, both sides (default 1000, rounded up to whole passes; the paper: 70 000)")
+    p.add_argument("--teacher", default=None, help="EfficientAD: a PDN-S teacher file for both sides "
+                   "(default: distil one from EfficientNet-Lite0 on generic images, --teacher-steps)")
+    p.add_argument("--teacher-steps", type=int, default=300, help="steps of the teacher distilled when no "
+                   "--teacher is given (default 300, batch 16)")
     p.add_argument("--n-latency", type=int, default=50, help="--speed-only: batch-1 calls timed (default 50)")
     args = p.parse_args(argv)
 
@@ -214,7 +268,10 @@ def main(argv=None) -> int:
         Path(args.out).write_text(text)
         print(text)
         return 0
-    return run_from_args(cases(args.epochs),
+    ead = None
+    if "efficientad" in {m.strip() for m in args.models.split(",")}:
+        ead = efficientad_inputs(args, args.n_train - min(args.n_train - 1, max(1, round(0.1 * args.n_train))))
+    return run_from_args(cases(args.epochs, ead),
                          f"Distillation methods ({args.epochs} epochs): defectscope vs anomalib 2.7.0", args)
 
 if __name__ == "__main__":
