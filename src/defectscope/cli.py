@@ -202,8 +202,8 @@ def cmd_distill_teacher(args) -> int:
     from .distill import distill_teacher, save_teacher
 
     teacher, info = distill_teacher(args.images, size=args.size, backbone=args.backbone, weights=args.weights,
-                                    steps=args.steps, batch_size=args.batch_size, image_size=args.image_size,
-                                    width=args.width, seed=args.seed, device=args.device, category=args.category,
+                                    steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                    image_size=args.image_size, width=args.width, seed=args.seed, device=args.device, category=args.category,
                                     max_images=args.max_images)
     save_teacher(teacher, args.out, info)
     loss = info["loss"]
@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", help="backbone weights file (default: found offline)")
     s.add_argument("--steps", type=int, default=60000, help="optimiser steps (default 60000; rounded up to whole passes)")
     s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
     s.add_argument("--image-size", type=int, default=256, help="PDN input side (the backbone sees twice this)")
     s.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the paper's PDN)")
     s.add_argument("--max-images", type=int, default=1000, help="at most this many images of a folder / data set")
