@@ -82,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="EfficientAD: folder of generic images for the penalty loss (in place of imagenette; "
                         "flat or with sub-folders)")
     p.add_argument("--model-size", choices=["small", "medium"], default="small", help="EfficientAD size")
+    p.add_argument("--lr", type=float, default=None, help="EfficientAD: Adam learning rate (default anomalib's 1e-4)")
     p.add_argument("--batch-size", type=int, default=32, help="train and eval batch size")
     p.add_argument("--normalize", choices=["backbone", "imagenet"], default="backbone",
                    help="input normalisation: the backbone's own (timm pretrained_cfg) or anomalib's "
@@ -244,6 +245,8 @@ def build_model(args, layers, pre_processor, evaluator):
         model = am.Stfpm(**params, **common)
     elif args.model == "efficientad":
         params = {"model_size": args.model_size, "imagenet_dir": str(args.penalty_root)}
+        if args.lr is not None:
+            params["lr"] = args.lr
         model = am.EfficientAd(**params, **common)
     elif args.model == "reverse_distillation":
         if not args.backbone.startswith(("resnet", "wide_resnet", "resnext")):

@@ -136,6 +136,12 @@ def test_folded_inference_equals_the_unfolded_formula(fitted, data):
     ref = fitted.to_image_map(fitted.reference_maps(x), (256, 256))
     scale = ref.abs().max().item()
     assert (folded - ref).abs().max().item() <= 1e-4 * max(scale, 1.0)
+    # the 4-cell border the unpadded PDN cannot see scores as a zero distance: the map's floor
+    # (zero padding of the normalised map would put it near the 0.9 quantile of normal patches)
+    floor = fitted.pad_value()
+    assert floor < -1e-3
+    assert torch.allclose(folded[:, 0, :], torch.full_like(folded[:, 0, :], floor), atol=1e-5)
+    assert folded.min().item() >= floor - 1e-4 * max(scale, 1.0)
     # folding really moved the constants into the weights
     t, s, a, const = fitted._folded()
     assert not t.input_norm and not s.input_norm and const != 0
