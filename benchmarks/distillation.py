@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Case, add_common_args, run_from_args  # noqa: E402
+from _harness import Case, add_common_args, import_defectscope, run_from_args  # noqa: E402
 
 BACKBONE_OURS = "efficientnet_lite0"
 BACKBONE_REF = "tf_efficientnet_lite0"
@@ -46,9 +46,8 @@ LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
 
 
 def cases(epochs: int, ead: dict | None = None) -> list[Case]:
-    """The three comparisons; ``ead``: EfficientAD's shared inputs (:func:`efficientad_inputs`)."""
-    ead = ead or {"steps": 0, "lr": 1e-4, "teacher": None, "penalty_dir": None, "teacher_note": "none", "n_penalty": 0}
-    return [
+    """The comparisons; EfficientAD's only with ``ead``, its shared inputs (:func:`efficientad_inputs`)."""
+    out = [
         Case(
             name="stfpm", ours_model="stfpm", ref_model="stfpm",
             ours={"backbone": BACKBONE_OURS, "layers": LAYERS, "epochs": epochs, "batch_size": 32, "channels": 3},
@@ -66,36 +65,40 @@ def cases(epochs: int, ead: dict | None = None) -> list[Case]:
                    "as the paper, anomalib (0.5, 0.99))",
                    "anomalib's RD has bottleneck/decoder builders only for ResNet backbones"],
         ),
-        Case(
-            name="efficientad", ours_model="efficientad", ref_model="efficientad",
-            ours={"steps": ead["steps"], "lr": ead["lr"], "teacher": ead["teacher"], "size": "S", "channels": 3},
-            reference={"steps": ead["steps"], "lr": ead["lr"], "teacher": ead["teacher"],
-                       "penalty_dir": ead["penalty_dir"], "model_size": "small"},
-            notes=[f"EfficientAD-S, {ead['steps']} steps at batch 1, Adam lr {ead['lr']:g} on both sides (the paper: "
-                   "70 000 steps at 1e-4), the same "
-                   f"PDN teacher file ({ead['teacher_note']}) loaded into both",
-                   "penalty images: defectscope its built-in generic dead-leaves images, anomalib "
-                   f"{ead['n_penalty']} of the same kind written as PNG files (in place of imagenette)",
-                   "map quantiles on both sides from 10 % held-out normal training images, not trained on (the "
-                   "runner sets anomalib's val_split_mode=from_train; its default would take them from the test set)"],
-        ),
     ]
+    if ead is not None:
+        out.append(
+            Case(
+                name="efficientad", ours_model="efficientad", ref_model="efficientad",
+                ours={"steps": ead["steps"], "lr": ead["lr"], "teacher": ead["teacher"], "size": "S", "channels": 3},
+                reference={"steps": ead["steps"], "lr": ead["lr"], "teacher": ead["teacher"],
+                           "penalty_dir": ead["penalty_dir"], "model_size": "small"},
+                notes=[f"EfficientAD-S, {ead['steps']} steps at batch 1, Adam lr {ead['lr']:g} on both sides (the paper: "
+                       "70 000 steps at 1e-4), the same "
+                       f"PDN teacher file ({ead['teacher_note']}) loaded into both",
+                       "penalty images: defectscope its built-in generic dead-leaves images, anomalib "
+                       f"{ead['n_penalty']} of the same kind written as PNG files (in place of imagenette)",
+                       "map quantiles on both sides from 10 % held-out normal training images, not trained on (the "
+                       "runner sets anomalib's val_split_mode=from_train; its default would take them from the test set)"],
+            ))
+    return out
 
 
-def efficientad_inputs(args, n_fit: int) -> dict:
+def efficientad_inputs(args) -> dict:
     """What both EfficientAD sides share: one PDN-S teacher file (``--teacher``, or distilled here
     from EfficientNet-Lite0 on generic images with ``--teacher-steps``) and a folder of generic
     penalty images for anomalib (which would otherwise download imagenette). The step count is
-    rounded up to whole passes over defectscope's ``n_fit`` training images (its loop trains in
-    whole passes), and the same count is given to anomalib's ``max_steps``."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    rounded up to whole passes over the training images defectscope does not hold out (its loop
+    trains in whole passes), and the same count is given to anomalib's ``max_steps``."""
     import torch
     from PIL import Image
 
-    from defectscope.distill import distill_teacher, save_teacher
-    from defectscope.models._pdn import generic_images
+    distill = import_defectscope("defectscope.distill")
+    generic_images = import_defectscope("defectscope.models._pdn").generic_images
+    held_out = import_defectscope("defectscope.models.efficientad").held_out_count
 
     work = Path(args.out).resolve().parent / "efficientad_inputs"
+    n_fit = args.n_train - held_out(args.n_train, 0.1)  # efficientad's default val_fraction
     steps = math.ceil(args.efficientad_steps / n_fit) * n_fit
     if args.teacher:
         teacher, note = Path(args.teacher).expanduser().resolve(), f"given: {args.teacher}"
@@ -105,9 +108,9 @@ def efficientad_inputs(args, n_fit: int) -> dict:
                 "at 128 px")
         if not teacher.is_file():
             torch.set_num_threads(args.threads)
-            pdn, info = distill_teacher("generic", size="S", steps=args.teacher_steps, batch_size=16,
+            pdn, info = distill.distill_teacher("generic", size="S", steps=args.teacher_steps, batch_size=16,
                                         image_size=128, seed=args.seed)
-            save_teacher(pdn, teacher, info)
+            distill.save_teacher(pdn, teacher, info)
     penalty = work / "penalty"
     n_penalty = 64
     if len(list(penalty.glob("*.png"))) != n_penalty:
@@ -271,9 +274,7 @@ def main(argv=None) -> int:
         Path(args.out).write_text(text)
         print(text)
         return 0
-    ead = None
-    if "efficientad" in {m.strip() for m in args.models.split(",")}:
-        ead = efficientad_inputs(args, args.n_train - min(args.n_train - 1, max(1, round(0.1 * args.n_train))))
+    ead = efficientad_inputs(args) if "efficientad" in {m.strip() for m in args.models.split(",")} else None
     return run_from_args(cases(args.epochs, ead),
                          f"Distillation methods ({args.epochs} epochs): defectscope vs anomalib 2.7.0", args)
 

@@ -203,8 +203,8 @@ def cmd_distill_teacher(args) -> int:
 
     teacher, info = distill_teacher(args.images, size=args.size, backbone=args.backbone, weights=args.weights,
                                     steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                    image_size=args.image_size, width=args.width, seed=args.seed, device=args.device, category=args.category,
-                                    max_images=args.max_images)
+                                    image_size=args.image_size, width=args.width, seed=args.seed, device=args.device,
+                                    category=args.category, max_images=args.max_images)
     save_teacher(teacher, args.out, info)
     loss = info["loss"]
     print(f"distilled PDN-{info['size']} from {args.backbone} on {args.images} ({info['n_images']} images, "

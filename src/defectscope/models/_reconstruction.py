@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ..engine.train import auto_device, load_images, seed_everything, train_loop
-from ..ops.blur import gaussian_blur
 from ..errors import DefectscopeError
+from ..ops.blur import gaussian_blur
 from .base import AnomalyModel, Prediction
 
 

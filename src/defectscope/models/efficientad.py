@@ -100,6 +100,12 @@ def _quantiles(maps: torch.Tensor, qs: tuple[float, float]) -> tuple[float, floa
     return float(a), float(b)
 
 
+def held_out_count(n: int, val_fraction: float) -> int:
+    """How many of ``n`` training images are held out for the map quantiles (at least 1, at
+    most ``n - 1``) when no validation set is given."""
+    return min(n - 1, max(1, round(val_fraction * n)))
+
+
 def hard_threshold(values: torch.Tensor, q: float) -> torch.Tensor:
     """``torch.quantile(values, q)`` (linear interpolation) from the top ``n - floor(q (n - 1))``
     values only: a partial selection instead of a full sort (and no 2^24-element limit)."""
@@ -177,7 +183,7 @@ class EfficientAD(AnomalyModel):
         if n < 2:
             raise DefectscopeError("efficientad: needs at least 2 training images (some are held out to "
                                    "normalise the maps), or a val_dataset of normal images")
-        n_val = min(n - 1, max(1, round(float(self.params["val_fraction"]) * n)))
+        n_val = held_out_count(n, float(self.params["val_fraction"]))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(int(self.params["seed"]) + 17))
         val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
         return images[train_idx], images[val_idx], val_idx.tolist()
