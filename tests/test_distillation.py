@@ -12,7 +12,7 @@ from defectscope.data import load_dataset
 from defectscope.engine import evaluate
 from defectscope.errors import DefectscopeError
 from defectscope.models import create_model, load_model
-from defectscope.models._distillation import fold_batchnorm, fuse_level_maps
+from defectscope.models._distillation import InferenceCache, fold_batchnorm, fuse_level_maps
 from defectscope.models.reverse_distillation import rd_level_maps, rd_loss
 from defectscope.models.stfpm import stfpm_level_maps, stfpm_loss
 
@@ -104,6 +104,27 @@ def test_batchnorm_folding_is_exact_and_removes_every_batchnorm():
     # the original is untouched
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.decoder.modules())
 
+
+
+@pytest.mark.parametrize("name", ["stfpm", "reverse_distillation", "fre"])
+def test_channels_last_inference_copies_give_the_same_maps(name):
+    g = torch.Generator().manual_seed(4)
+    model = create_model(name, image_size=SIZE)
+    model._build()
+    _randomise_batchnorm(model, g)
+    model.fitted = True
+    model.eval()
+    x = torch.rand(2, 3, SIZE, SIZE, generator=g)
+    model._cache = InferenceCache(channels_last=False)
+    plain = model.predict(x)
+    model._cache = InferenceCache()
+    fast = model.predict(x)
+    copies = list(model._cache._copies.values())
+    assert copies and all(w.is_contiguous(memory_format=torch.channels_last)
+                          for c in copies for w in c.parameters() if w.dim() == 4)
+    scale = float(plain.anomaly_map.abs().max())
+    assert torch.allclose(plain.anomaly_map, fast.anomaly_map, rtol=1e-4, atol=1e-5 * scale)
+    assert torch.allclose(plain.score, fast.score, rtol=1e-4)
 
 def test_fre_scores_are_the_reconstruction_error_of_the_tied_autoencoder():
     model = create_model("fre", image_size=SIZE, blur_sigma=0)

@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from ..engine.train import auto_device, load_images, seed_everything, train_loop
 from ..errors import DefectscopeError
 from ..ops.blur import gaussian_blur
+from ._distillation import to_inference_layout
 from ._pdn import PDN, AutoEncoder, _size, augment, generic_images, random_flip_rotate
 from .base import AnomalyModel, Prediction, register
 
@@ -361,6 +362,7 @@ class EfficientAD(AnomalyModel):
         for net in (t, s, a):
             for q in net.parameters():
                 q.requires_grad_(False)
+            to_inference_layout(net)
         nets = (t, s, a, const)
         self.__dict__["_fold"] = (self.device, nets)
         return nets
