@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def main() -> None:
                    help="also time the paper-size networks (width 1, 384 channels, untrained weights)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout
 
     from defectscope.data import load_dataset
     from defectscope.data.synthetic import make_synthetic

@@ -32,8 +32,8 @@ EfficientNet stage outputs are signed (linear bottlenecks), so the last block of
 stage has no final ReLU there (the authors' decoder ends every block with a ReLU, matching ResNet's
 non-negative features). The input size must be a multiple of 32.
 
-Inference runs BatchNorm-folded copies of encoder, bottleneck and decoder (exact up to float
-rounding).
+Inference runs BatchNorm-folded copies of encoder, bottleneck and decoder in the ``channels_last``
+memory format (exact up to float rounding).
 """
 
 from __future__ import annotations

