@@ -18,7 +18,8 @@ Reverse Distillation: batch 16 (the paper's) on both sides. anomalib builds its 
 decoder only for ResNet backbones (``get_decoder`` raises for EfficientNet), and no ResNet ImageNet
 weights exist offline here, so its side records that error for the default backbone;
 ``--speed-only reverse_distillation_resnet18`` times both implementations at the same ResNet18
-architecture with random weights (``--speed-only stfpm``: STFPM without training).
+architecture with random weights (``--speed-only stfpm``, ``--speed-only efficientad``: those
+models untrained).
 EfficientAD-S: ``--efficientad-steps`` steps at batch 1 on both sides, the same PDN teacher file
 (``--teacher``, or one distilled here from EfficientNet-Lite0 on generic images) and generic
 penalty images (written as PNGs for anomalib, which would otherwise download imagenette).
@@ -125,6 +126,8 @@ def efficientad_inputs(args) -> dict:
 # Speed only (no training, so no accuracy): both implementations built as they are after fit and
 # timed on the same input, A/B interleaved. Speed does not depend on the weights' values.
 # * stfpm: EfficientNet-Lite0 teacher (ImageNet) and student at blocks.1/2/4 on both sides;
+# * efficientad: PDN-S teacher, student and autoencoder, random weights (the quantiles and the
+#   teacher statistics set to fixed values: their values do not change the work done);
 # * reverse_distillation_resnet18: anomalib cannot build RD for EfficientNet (get_decoder), so both
 #   sides use a ResNet18 encoder (anomalib's OCBE(BasicBlock, 2) + de_resnet18; defectscope's
 #   bottleneck/decoder have the same layers for ResNet18), random weights (no ResNet ImageNet
@@ -140,6 +143,14 @@ m._build(pretrained=False)
 """,
     ("anomalib", "stfpm"): """
 m = STFPMModel(layers=["blocks.1", "blocks.2", "blocks.4"], backbone="tf_efficientnet_lite0").eval()
+""",
+    ("defectscope", "efficientad"): """
+m = create_model("efficientad", size="S", image_size=size)
+m._build()
+m.quantiles = torch.tensor([0.1, 1.0, 0.1, 1.0], dtype=torch.float64)
+""",
+    ("anomalib", "efficientad"): """
+m = EfficientAdModel(teacher_out_channels=384, model_size="small").eval()
 """,
     ("anomalib", "reverse_distillation_resnet18"): """
 m = ReverseDistillationModel(backbone="resnet18", input_size=(size, size), layers=["layer1", "layer2", "layer3"],
@@ -163,6 +174,7 @@ threads, size = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(threads)
 from anomalib.models.image.stfpm.torch_model import STFPMModel
 from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
+from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
 """,
 }
 _SPEED_RUN = {
@@ -247,7 +259,7 @@ def main(argv=None) -> int:
                    "the papers: STFPM 100, RD 200)")
     add_common_args(p, n_train=64, models="stfpm,reverse_distillation,efficientad", out_name="distillation.md")
     p.add_argument("--speed-only", default=None, help="comma-separated subset of stfpm,"
-                   "reverse_distillation_resnet18: time both implementations without training (no "
+                   "efficientad,reverse_distillation_resnet18: time both implementations without training (no "
                    "accuracy); written to --out instead of the full comparison")
     p.add_argument("--efficientad-steps", type=int, default=1000, help="EfficientAD training steps at "
                    "batch 1, both sides (default 1000, rounded up to whole passes; the paper: 70 000)")
