@@ -21,13 +21,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import import_defectscope
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
                    help="also time the paper-size networks (width 1, 384 channels, untrained weights)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout
+    import_defectscope("defectscope")  # from a checkout: puts its src/ on the path
 
     from defectscope.data import load_dataset
     from defectscope.data.synthetic import make_synthetic

