@@ -94,9 +94,9 @@ def efficientad_inputs(args) -> dict:
     import torch
     from PIL import Image
 
-    distill = import_defectscope("defectscope.distill")
-    generic_images = import_defectscope("defectscope.models._pdn").generic_images
-    held_out = import_defectscope("defectscope.models.efficientad").held_out_count
+    distill = import_defectscope("defectscope.models.distillation.teacher")
+    generic_images = import_defectscope("defectscope.models.distillation._pdn").generic_images
+    held_out = import_defectscope("defectscope.models.distillation.efficientad").held_out_count
 
     work = Path(args.out).resolve().parent / "efficientad_inputs"
     n_fit = args.n_train - held_out(args.n_train, 0.1)  # efficientad's default val_fraction

@@ -54,8 +54,8 @@ def main() -> None:
 
     from defectscope.data import load_dataset
     from defectscope.data.synthetic import make_synthetic
-    from defectscope.distill import distill_teacher, save_teacher
-    from defectscope.engine.train import load_images
+    from defectscope.models.distillation.teacher import distill_teacher, save_teacher
+    from defectscope.training import load_images
     from defectscope.metrics import image_auroc, pixel_auroc
     from defectscope.models import create_model
 

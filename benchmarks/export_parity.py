@@ -60,7 +60,7 @@ def bench_model(name: str, args, root: Path, work: Path) -> dict:
     from defectscope.data import load_dataset
     from defectscope.deploy import calibrate
     from defectscope.deploy.export import InferenceGraph, export_model, load_exported
-    from defectscope.deploy.threshold import validation_split
+    from defectscope.data.validation import validation_split
     from defectscope.metrics import image_auroc, pixel_auroc
     from defectscope.models import get_model_class
 

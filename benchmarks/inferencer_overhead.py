@@ -46,7 +46,7 @@ def main() -> None:
     from defectscope import Inferencer, create_model
     from defectscope.data import load_dataset, make_synthetic
     from defectscope.deploy import calibrate
-    from defectscope.deploy.threshold import validation_split
+    from defectscope.data.validation import validation_split
     from defectscope.engine import hardware
     from defectscope.models.io import versions
 

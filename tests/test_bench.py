@@ -16,6 +16,7 @@ import pytest
 import defectscope
 from defectscope.bench.grid import Cell, append_result, available_cores, read_results, run_grid
 from defectscope.cli import main
+from defectscope.errors import DefectscopeError
 
 FAST = (("epochs", 1), ("image_size", 32))
 PC = (("image_size", 32),)  # patchcore on 32x32 inputs: about a second per cell
@@ -75,7 +76,7 @@ def test_a_cell_over_its_time_limit_is_stopped_and_recorded(tiny_root, tmp_path)
     from defectscope.bench.grid import run_cell
 
     t0 = time.perf_counter()
-    rec = run_cell(Cell("patchcore", f"mvtec:{tiny_root}", "fabric", 0, PC), threads=1, timeout=0.3)
+    [rec] = run_cell(Cell("patchcore", f"mvtec:{tiny_root}", "fabric", 0, PC), threads=1, timeout=0.3)
     assert rec["error"] == "process died: timed out after 0.3 s" and time.perf_counter() - t0 < 10
     assert rec["model"] == "patchcore" and rec["cell_key"] and rec["versions"]
 
@@ -161,16 +162,36 @@ def test_bench_presets_resolve():
     from defectscope.bench.cli import PRESETS, resolve_models
     from defectscope.models import MODELS
 
-    run, missing = resolve_models("A", None)
-    assert set(run) | set(missing) == set(PRESETS["A"]) and {"sae", "dae", "patchcore", "padim"} <= set(run)
-    assert PRESETS["A"] == ["sae", "dae", "patchcore", "efficientad", "padim"]
-    assert len(PRESETS["B"]) == 8 and set(PRESETS["A"]) < set(PRESETS["B"]) and PRESETS["C"] == ["efficientad", "patchcore"]
+    names = {k: v.split(",") for k, v in PRESETS.items() if k in "ABC"}
+    run, missing, skipped = resolve_models("A", None)
+    assert set(run) | set(missing) == set(names["A"]) and {"sae", "dae", "patchcore", "padim"} <= set(run)
+    assert names["A"] == ["sae", "dae", "patchcore", "efficientad", "padim"] and not skipped
+    assert len(names["B"]) == 8 and set(names["A"]) < set(names["B"]) and names["C"] == ["efficientad", "patchcore"]
     for name in ("B", "C"):
-        run, missing = resolve_models(name, None)
-        assert sorted(run + missing) == sorted(PRESETS[name])  # nothing dropped
+        run, missing, _ = resolve_models(name, None)
+        assert sorted(run + missing) == sorted(names[name])  # nothing dropped
         assert all(m in MODELS for m in run) and not any(m in MODELS for m in missing)
-    assert resolve_models(None, "PatchCore, sae,sae") == (["patchcore", "sae"], [])
+    assert resolve_models(None, "PatchCore, sae,sae") == (["patchcore", "sae"], [], [])
     assert resolve_models(None, None)[0] == sorted(MODELS)
+
+
+def test_presets_and_model_filters_read_the_tags():
+    from defectscope.bench.cli import PRESETS, resolve_models
+    from defectscope.models import MODELS, get_model_class
+
+    untrained, _, _ = resolve_models("no-training", None)
+    assert untrained and all(not get_model_class(m).tags.trains for m in untrained)
+    assert set(untrained) == {m for m in MODELS if not get_model_class(m).tags.trains}
+    assert resolve_models(None, "patch*,trains=false")[0] == ["patchcluster", "patchcore"]
+    assert resolve_models(None, "paradigm=reconstruction")[0] == ["dae", "sae"]
+    image_only, _, _ = resolve_models(None, "pixel_level=false")
+    assert image_only and all(not get_model_class(m).tags.pixel_level for m in image_only)
+    # a setting keeps only the methods tagged for it; the others are reported as skipped
+    run, _, skipped = resolve_models(None, "sae,patchcore", "zero-shot")
+    assert run == [] and skipped == ["sae", "patchcore"]
+    with pytest.raises(DefectscopeError, match="unknown tag"):
+        resolve_models(None, "colour=red")
+    assert PRESETS["zero-shot"] == "setting=zero-shot"
 
 
 def test_ray_backend_runs_the_same_grid(tiny_root, tmp_path):
@@ -197,7 +218,7 @@ def test_mlflow_logs_each_cell_and_the_report(capsys, tiny_root, tmp_path):
 
     uri = (tmp_path / "mlruns").resolve().as_uri()
     code = main(["bench", "--models", "sae", "--data", f"mvtec:{tiny_root}", "--categories", "fabric",
-                 "--param", "sae.latent=-5", "--image-size", "32", "--out", str(tmp_path / "o"), "--mlflow", uri])
+                 "--param", "sae.image_size=30", "--image-size", "32", "--out", str(tmp_path / "o"), "--mlflow", uri])
     capsys.readouterr()
     assert code == 1  # the cell failed: its row and its MLflow run say so
     client = MlflowClient(tracking_uri=uri)
@@ -205,7 +226,7 @@ def test_mlflow_logs_each_cell_and_the_report(capsys, tiny_root, tmp_path):
     runs = {r.data.tags.get("defectscope.kind"): r for r in client.search_runs([exp.experiment_id])}
     cell, summary = runs["bench-cell"], runs["bench-summary"]
     assert cell.info.status == "FAILED" and cell.data.tags["model"] == "sae" and cell.data.tags["error"]
-    assert cell.data.tags["mlflow.parentRunId"] == summary.info.run_id and cell.data.params["param.latent"] == "-5"
+    assert cell.data.tags["mlflow.parentRunId"] == summary.info.run_id and cell.data.params["param.image_size"] == "30"
     assert "report.html" in [a.path for a in client.list_artifacts(summary.info.run_id)]
 
     tracker = MlflowTracker(uri, {"data": "synthetic", "models": ["m"]})

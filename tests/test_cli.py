@@ -113,3 +113,30 @@ def test_fit_without_backbone_weights_is_one_clear_line(capsys, tmp_path, monkey
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1
     assert "resnet18-f37072fd.pth" in lines[0] and str(tmp_path) in lines[0]
+
+
+def test_fit_without_validation_split_then_test_reproduces_the_bench_cell(capsys, synth_root, tmp_path):
+    """``defectscope fit --val-fraction 0`` fits on every training image, as a benchmark cell does, so
+    ``defectscope test`` then gives the cell's metrics (the default ``fit`` holds 20 % out to calibrate)."""
+    from defectscope.engine import run_experiment
+
+    data = f"mvtec:{synth_root}"
+    code, _, err = run(capsys, "fit", "padim", "--data", data, "--category", "washer", "--out", tmp_path / "m",
+                       "--image-size", "32", "--val-fraction", "0")
+    assert code == 0, err
+    code, out, err = run(capsys, "test", tmp_path / "m", "--data", data, "--category", "washer", "--no-speed", "--json")
+    assert code == 0, err
+    tested = json.loads(out)
+    cell = run_experiment("padim", {"image_size": 32}, data, "washer", seed=0, measure=False)
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image_f1_max"):
+        assert tested[key] == cell[key], key
+    assert tested["params"] == cell["params"] and tested["seed"] == cell["seed"] == 0
+
+
+def test_models_name_prints_the_parameter_table(capsys):
+    code, out, _ = run(capsys, "models", "patchcore")
+    assert code == 0 and "coreset_ratio" in out and "float" in out and "(0, 1]" in out and "settings:" in out
+    code, _, err = run(capsys, "fit", "patchcore", "--out", "x", "--param", "coreset_ratio=2")
+    assert code == 2 and "coreset_ratio=2" in err and "(0, 1]" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "models", "nope")
+    assert code == 2 and "unknown model" in err

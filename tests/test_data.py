@@ -26,7 +26,7 @@ from defectscope.data import (
 )
 from defectscope.data import io as dio
 from defectscope.data import synthetic as syn
-from defectscope.data.io import IMAGE_EXTENSIONS, list_images
+from defectscope.imageio import IMAGE_EXTENSIONS, list_images
 from defectscope.errors import DatasetError, DefectscopeError, ImageReadError
 
 S = 32  # side of the tiny test images

@@ -18,7 +18,8 @@ from defectscope.cli import main
 from defectscope.data import load_dataset
 from defectscope.deploy import Calibration, calibrate, calibrate_scores
 from defectscope.deploy.predict import predict_paths
-from defectscope.deploy.threshold import DEFAULT_FPR, f1_threshold, fpr_threshold, validation_split
+from defectscope.data.validation import validation_split
+from defectscope.deploy.threshold import DEFAULT_FPR, f1_threshold, fpr_threshold
 from defectscope.errors import DefectscopeError, ImageReadError, ModelFileError
 from defectscope.metrics import f1_max
 from defectscope.models import create_model, load_model

@@ -12,9 +12,9 @@ from defectscope.data import load_dataset
 from defectscope.engine import evaluate
 from defectscope.errors import DefectscopeError
 from defectscope.models import create_model, load_model
-from defectscope.models._distillation import InferenceCache, fold_batchnorm, fuse_level_maps
-from defectscope.models.reverse_distillation import rd_level_maps, rd_loss
-from defectscope.models.stfpm import stfpm_level_maps, stfpm_loss
+from defectscope.models.distillation._common import InferenceCache, fold_batchnorm, fuse_level_maps
+from defectscope.models.distillation.reverse_distillation import rd_level_maps, rd_loss
+from defectscope.models.distillation.stfpm import stfpm_level_maps, stfpm_loss
 
 SIZE = 64
 

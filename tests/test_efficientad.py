@@ -41,7 +41,7 @@ def data(synth256):
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
-    from defectscope.distill import distill_teacher, save_teacher
+    from defectscope.models.distillation.teacher import distill_teacher, save_teacher
 
     # the PDN's weights do not depend on the input size: distilled at 128 px (4x cheaper), used at 256
     teacher, info = distill_teacher("generic", size="S", steps=16, batch_size=4, image_size=128, out_channels=64,
@@ -167,7 +167,7 @@ def test_default_teacher_is_distilled_on_generic_images_once_and_cached(data, tm
 
 def test_distill_teacher_cli(tmp_path, synth256, capsys):
     from defectscope.cli import main
-    from defectscope.distill import load_teacher
+    from defectscope.models.distillation.teacher import load_teacher
 
     out = tmp_path / "t.safetensors"
     folder = synth256 / "washer" / "train" / "good"
@@ -198,7 +198,7 @@ def test_bad_inputs(tmp_path, tensor_images):
 
 
 def test_hard_threshold_equals_torch_quantile():
-    from defectscope.models.efficientad import hard_threshold
+    from defectscope.models.distillation.efficientad import hard_threshold
 
     g = torch.Generator().manual_seed(0)
     for n in (1, 2, 7, 1000, 300_001):

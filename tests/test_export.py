@@ -20,6 +20,7 @@ from defectscope.deploy.export import (
 from defectscope.deploy.threshold import calibrate
 from defectscope.models import create_model, load_model
 from defectscope.models.base import AnomalyModel, Prediction
+from defectscope.models.params import Tags
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
@@ -152,8 +153,8 @@ class _NumpyScorer(AnomalyModel):
     """A method whose _predict leaves torch (numpy): it cannot be traced."""
 
     name = "numpy_scorer"
-    defaults = {"image_size": 32, "channels": 1, "seed": 0}
-    pixel_level = False
+    overrides = {"image_size": 32, "channels": 1}
+    tags = Tags(pixel_level=False, weights=None, export=None)
 
     def _fit(self, dataset, val_dataset=None):
         pass

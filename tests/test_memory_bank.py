@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from defectscope.engine import evaluate
 from defectscope.data import load_dataset
 from defectscope.models import create_model, load_model
-from defectscope.models.patchcore import adaptive_pool_matrix, aggregation_weights
+from defectscope.models.memory.patchcore import adaptive_pool_matrix, aggregation_weights
 
 
 def test_adaptive_pool_matrix_is_adaptive_avg_pool1d():

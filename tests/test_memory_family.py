@@ -71,7 +71,7 @@ def test_method_beats_its_floor_and_round_trips(name, rgb_synth, tmp_path):
 
 
 def test_spade_equals_the_direct_equations_and_uses_the_shared_knn(rgb_synth, monkeypatch):
-    import defectscope.models.spade as spade_mod
+    import defectscope.models.memory.spade as spade_mod
     from defectscope.ops import NearestNeighbors
 
     built, queried = [], []

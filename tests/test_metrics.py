@@ -200,6 +200,46 @@ def test_pixel_auroc_matches_sklearn(seed):
     )
 
 
+def test_pixel_auroc_on_synthetic_masks_with_saturated_maps():
+    """Masks of the synthetic fabric set at 128 px (faint "discolor" edges, empty normal masks,
+    defects reaching the border) against float32 maps with heavy ties: a floor at 0, a saturated
+    plateau and a constant image border. Our pixel AUROC equals scikit-learn's, and it splits
+    exactly into per-defect-type parts, each type's positives against ALL negatives, weighted by
+    its share of defect pixels (the decomposition used to explain near-equal pixel AUROCs)."""
+    from defectscope.data.synthetic import DEFECT_TYPES, render_pair
+
+    rng = np.random.default_rng(9)
+    masks, change, types = [], [], []
+    for kind in (None, *DEFECT_TYPES, None):
+        for index in range(2):
+            clean, image, mask = render_pair("fabric", kind, index=index, image_size=128)
+            masks.append(mask)
+            change.append(np.abs(image.astype(np.int16) - clean.astype(np.int16)))
+            types.append(kind or "good")
+    masks, change, types = np.stack(masks), np.stack(change).astype(np.float32), np.array(types)
+    assert masks[types == "good"].sum() == 0 and masks.mean() < 0.05
+    # a detector that sees the strong changes but not the faint (MIN_STEP) ones
+    maps = rng.normal(size=masks.shape).astype(np.float32) + 0.2 * np.maximum(change - 6, 0)
+    maps = np.clip(np.round(maps, 1), 0.0, 2.5)  # floor at 0 and saturated at 2.5: heavy ties
+    maps[:, :3, :] = maps[:, -3:, :] = maps[:, :, :3] = maps[:, :, -3:] = 1.0  # constant border
+    assert np.unique(maps).size <= 30 and (maps == 0.0).mean() > 0.3 and (maps == 2.5).any()
+
+    expected = roc_auc_score(masks.ravel(), maps.ravel())
+    assert 0.5 < expected < 1.0
+    assert pixel_auroc(maps, masks) == pytest.approx(expected, abs=1e-12)
+    out = compute_metrics(maps=maps, masks=masks)
+    assert out["pixel_auroc"] == pytest.approx(expected, abs=1e-12)
+
+    negatives = maps[~masks]
+    parts = 0.0
+    for kind in DEFECT_TYPES:
+        pos = maps[masks & (types == kind)[:, None, None]]
+        scores = np.concatenate([pos, negatives])
+        labels = np.concatenate([np.ones(pos.size, bool), np.zeros(negatives.size, bool)])
+        parts += pos.size / masks.sum() * roc_auc_score(labels, scores)
+    assert parts == pytest.approx(expected, abs=1e-12)
+
+
 def test_torch_and_dtypes_and_label_kinds():
     scores, labels = _random_scores_labels(7, n=200)
     s32 = scores.astype(np.float32)

@@ -10,7 +10,7 @@ import torch
 import defectscope
 from defectscope.errors import DefectscopeError, ModelFileError
 from defectscope.models import create_model, load_model
-from defectscope.models._reconstruction import count_parameters
+from defectscope.models.reconstruction._common import count_parameters
 
 
 def test_registry_knows_the_autoencoders():
@@ -152,3 +152,21 @@ def test_ssim_matches_scikit_image():
         ours = ssim_map(a, b)[0].numpy()
         assert abs(ours[5:-5, 5:-5] - full[5:-5, 5:-5]).max() < 1e-9
     assert float(ssim(a, a)) == pytest.approx(1.0)
+
+
+def test_a_format_2_model_directory_written_before_the_typed_parameters_loads_and_predicts_the_same():
+    """tests/data/format2/sae was saved by defectscope at commit 29b4028 (untyped ``defaults``,
+    format 2, calibrated), with its predictions on two images: it loads, its values are checked
+    by the declarations, and it predicts exactly what it did."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from defectscope.models import load_model
+
+    data = Path(__file__).parent / "data" / "format2"
+    model = load_model(data / "sae")
+    expected = load_file(str(data / "sae_expected.safetensors"))
+    pred = model.predict(expected["images"])
+    assert torch.equal(pred.score, expected["score"]) and torch.equal(pred.anomaly_map, expected["anomaly_map"])
+    assert model.params["latent"] == 4 and model.calibration is not None and model.calibration.method == "fpr"

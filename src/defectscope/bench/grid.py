@@ -31,90 +31,71 @@ from typing import Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
+from ..engine.record import RESULTS, ResultRecord, append_result, read_results
 from ..errors import DefectscopeError
 
-RESULTS = "results.jsonl"
 CELLS = "cells"
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the grid."""
+    """One run of the grid: one fit, evaluated on one category (or, multi-class, on each of
+    ``categories``), giving one record per evaluated category."""
 
     model: str
     data: str
     category: str | None
     seed: int = 0
-    params: tuple = field(default_factory=tuple)  # sorted (key, value) pairs, hashable
-    setting: str = "one-class"  # or blind-mix, blind-test, blind-ano (defectscope.data.blind)
+    params: tuple = field(default_factory=tuple)  # sorted (key, value) pairs
+    setting: str = "one-class"  # see defectscope.data.settings.SETTINGS
     contamination: float | None = None  # blind-mix: fraction of the anomalous test images trained on
+    shots: int | None = None  # few-shot: normal training images
+    categories: tuple = ()  # multi-class: the categories whose union is learnt
 
     @property
-    def blind(self) -> list:
-        """``[setting, contamination]`` for a blind cell, ``[]`` for one-class (whose key stays as before)."""
-        return [] if self.setting == "one-class" else [self.setting, self.contamination]
+    def setting_key(self) -> list:
+        """What the setting adds to the key: ``[]`` for one-class (whose key stays as before),
+        ``[setting, contamination]`` otherwise, then the shots and the multi-class categories."""
+        if self.setting == "one-class":
+            return []
+        extra = [self.setting, self.contamination]
+        if self.shots is not None:
+            extra.append(self.shots)
+        if self.categories:
+            extra.append(list(self.categories))
+        return extra
 
     @property
     def key(self) -> str:
-        return json.dumps([self.model, self.data, self.category, self.seed, list(self.params)] + self.blind,
+        return json.dumps([self.model, self.data, self.category, self.seed, list(self.params)] + self.setting_key,
                           sort_keys=True)
 
     @property
     def cell_id(self) -> str:
         """A short, file-system-safe, unique name: ``model_dataset_category_s<seed>_<hash>``."""
         kind = self.data.split(":", 1)[0]
-        blind = ""
-        if self.blind:
-            blind = f"_{self.setting}" + ("" if self.contamination is None else f"{self.contamination:g}")
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.model}_{kind}_{self.category or 'all'}_s{self.seed}{blind}")
+        tail = ""
+        if self.setting != "one-class":
+            tail = f"_{self.setting}" + ("" if self.contamination is None else f"{self.contamination:g}") + (
+                "" if self.shots is None else f"{self.shots}")
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.model}_{kind}_{self.category or 'all'}_s{self.seed}{tail}")
         return f"{name[:80]}_{hashlib.sha1(self.key.encode()).hexdigest()[:8]}"
 
     def to_json(self) -> dict:
         return {"model": self.model, "data": self.data, "category": self.category, "seed": self.seed,
                 "params": [list(p) for p in self.params], "setting": self.setting,
-                "contamination": self.contamination}
+                "contamination": self.contamination, "shots": self.shots, "categories": list(self.categories)}
 
     @classmethod
     def from_json(cls, d: dict) -> "Cell":
         return cls(d["model"], d["data"], d["category"], int(d["seed"]), tuple(tuple(p) for p in d["params"]),
-                   d.get("setting") or "one-class", d.get("contamination"))
+                   d.get("setting") or "one-class", d.get("contamination"), d.get("shots"),
+                   tuple(d.get("categories") or ()))
 
 
 def record_key(rec: dict) -> str:
     """The cell key of a finished record (matches :attr:`Cell.key`)."""
     return rec.get("cell_key") or ""
-
-
-def read_results(out_dir) -> list[dict]:
-    """The records of ``OUT/results.jsonl``; a torn line (a killed writer) is ignored."""
-    path = Path(out_dir) / RESULTS
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def append_result(out_dir, record: dict) -> None:
-    """Append one record as a single line, flushed and synced to disk."""
-    path = Path(out_dir) / RESULTS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, default=str) + "\n"
-    torn = False
-    if path.exists() and path.stat().st_size:
-        with open(path, "rb") as f:  # a torn line from a killed earlier run must not glue onto this one
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(("\n" if torn else "") + line)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def available_cores() -> int:
@@ -133,18 +114,25 @@ def _environment() -> dict[str, Any]:
 
 
 # -- one cell ----------------------------------------------------------------------------------
-def execute_cell(cell: Cell, threads: int | None = None, artifacts_dir=None, n_latency: int = 50) -> dict[str, Any]:
-    """Run ``cell`` in this process and return its record; any exception becomes ``error``."""
+def execute_cell(cell: Cell, threads: int | None = None, artifacts_dir=None, n_latency: int = 50) -> list[dict[str, Any]]:
+    """Run ``cell`` in this process and return its records (one per evaluated category); any
+    exception becomes one record with ``error`` set."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    from ..engine.evaluate import run_experiment
+    from ..engine.evaluate import run_experiments
+    from ..report.artifacts import save_artifacts
+
+    def keep(category, predictions, test) -> None:
+        if artifacts_dir is not None:
+            where = Path(artifacts_dir) / category if cell.setting == "multi-class" else Path(artifacts_dir)
+            save_artifacts(where, predictions, test)
 
     try:
-        return run_experiment(cell.model, dict(cell.params), cell.data, cell.category, cell.seed,
-                              setting=cell.setting, contamination=cell.contamination,
-                              n_latency=n_latency, artifacts_dir=artifacts_dir)
+        return run_experiments(cell.model, dict(cell.params), cell.data, cell.category, cell.seed,
+                               setting=cell.setting, contamination=cell.contamination, shots=cell.shots,
+                               categories=list(cell.categories) or None, n_latency=n_latency, keep=keep)
     except Exception as e:  # noqa: BLE001 - the row must record any failure
         rec: dict[str, Any] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
         try:
@@ -152,7 +140,7 @@ def execute_cell(cell: Cell, threads: int | None = None, artifacts_dir=None, n_l
             rec["threads"] = torch.get_num_threads()
         except Exception:  # noqa: BLE001
             pass
-        return rec
+        return [rec]
 
 
 def _package_parent() -> str | None:
@@ -198,65 +186,69 @@ def _stop(run: _Running) -> None:
     shutil.rmtree(run.tmp, ignore_errors=True)
 
 
-def _collect(run: _Running, timed_out: bool = False) -> dict[str, Any]:
+def _collect(run: _Running, timed_out: bool = False) -> list[dict[str, Any]]:
     code = run.proc.wait()
     try:
-        rec = json.loads(Path(run.result_file).read_text())
-    except (OSError, json.JSONDecodeError):
+        recs = json.loads(Path(run.result_file).read_text())["records"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
         if timed_out:
             why = f"timed out after {run.timeout:g} s"
         elif code is not None and code < 0:
             why = f"killed by signal {-code}" + (" (out of memory?)" if -code == 9 else "")
         else:
             why = f"exit code {code}"
-        rec = {"error": f"process died: {why}"}
+        recs = [{"error": f"process died: {why}"}]
     finally:
         shutil.rmtree(run.tmp, ignore_errors=True)
-    return rec
+    return recs
 
 
 def _finish_record(cell: Cell, rec: dict, t0: float, artifacts_dir=None, out_dir=None) -> dict[str, Any]:
-    base = {"model": cell.model, "params": dict(cell.params), "dataset": cell.data.split(":", 1)[0],
-            "data": cell.data, "category": cell.category, "setting": cell.setting,
-            "contamination": 0.0 if cell.setting == "one-class" else cell.contamination, "seed": cell.seed}
-    rec = {**base, **rec}
-    rec.setdefault("error", None)
-    if rec["error"] and "versions" not in rec:
+    """The cell's :class:`~defectscope.engine.record.ResultRecord` with the worker's ``rec`` over it."""
+    base = ResultRecord(model=cell.model, params=dict(cell.params), dataset=cell.data.split(":", 1)[0],
+                        data=cell.data, category=cell.category, setting=cell.setting,
+                        contamination=cell.contamination, shots=cell.shots, seed=cell.seed)
+    record = base.update(rec)
+    if record.error and record.versions is None:
         try:
-            rec.update(_environment())
+            record.update(_environment())
         except Exception:  # noqa: BLE001
             pass
-    rec["cell_key"] = cell.key
-    rec["wall_s"] = time.perf_counter() - t0
+    record.run.update(cell_key=cell.key, wall_s=time.perf_counter() - t0)
     if artifacts_dir is not None and out_dir is not None:
         from ..report.artifacts import ARTIFACT_FILE
 
-        if (Path(artifacts_dir) / ARTIFACT_FILE).is_file():
-            rec["artifacts"] = Path(os.path.relpath(artifacts_dir, out_dir)).as_posix()
-    return rec
+        where = Path(artifacts_dir)
+        if cell.setting == "multi-class" and record.category:
+            where = where / record.category
+        if (where / ARTIFACT_FILE).is_file():
+            record.run["artifacts"] = Path(os.path.relpath(where, out_dir)).as_posix()
+    return record.to_dict()
 
 
 def run_cell(cell: Cell, threads: int | None = None, isolate: bool = True, artifacts_dir=None,
-             n_latency: int = 50, timeout: float | None = None) -> dict[str, Any]:
-    """Run one cell (in a fresh process when ``isolate``) and return its record, never raising."""
+             n_latency: int = 50, timeout: float | None = None) -> list[dict[str, Any]]:
+    """Run one cell (in a fresh process when ``isolate``) and return its records, never raising."""
     t0 = time.perf_counter()
     if not isolate:
-        return _finish_record(cell, execute_cell(cell, threads, artifacts_dir, n_latency), t0)
-    run = _start(cell, threads, artifacts_dir, n_latency, timeout)
-    try:
-        run.proc.wait(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        run.proc.kill()
-        timed_out = True
-    except BaseException:
-        _stop(run)
-        raise
-    return _finish_record(cell, _collect(run, timed_out), t0)
+        recs = execute_cell(cell, threads, artifacts_dir, n_latency)
+    else:
+        run = _start(cell, threads, artifacts_dir, n_latency, timeout)
+        try:
+            run.proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            run.proc.kill()
+            timed_out = True
+        except BaseException:
+            _stop(run)
+            raise
+        recs = _collect(run, timed_out)
+    return [_finish_record(cell, rec, t0) for rec in recs]
 
 
 # -- backends ----------------------------------------------------------------------------------
-Deliver = Callable[[Cell, dict, float], None]
+Deliver = Callable[[Cell, list, float], None]
 
 
 def _run_local(todo: list[Cell], out: Path, jobs: int, threads: int | None, isolate: bool, n_latency: int,
@@ -292,10 +284,9 @@ def _ray_cell(cell_json: dict, threads: int | None, n_latency: int, timeout: flo
     the bytes of its artifact files (the node's disk is not the driver's)."""
     cell = Cell.from_json(cell_json)
     with tempfile.TemporaryDirectory(prefix="defectscope-ray-") as tmp:
-        rec = run_cell(cell, threads=threads, isolate=True, artifacts_dir=tmp, n_latency=n_latency, timeout=timeout)
-        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
-    rec.pop("artifacts", None)
-    return rec, files
+        recs = run_cell(cell, threads=threads, isolate=True, artifacts_dir=tmp, n_latency=n_latency, timeout=timeout)
+        files = {p.relative_to(tmp).as_posix(): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
+    return [{k: v for k, v in r.items() if k not in ("artifacts", "cell_key", "wall_s")} for r in recs], files
 
 
 def _run_ray(todo: list[Cell], out: Path, jobs: int | None, threads: int | None, n_latency: int,
@@ -319,15 +310,19 @@ def _run_ray(todo: list[Cell], out: Path, jobs: int | None, threads: int | None,
             done, _ = ray.wait(list(pending), num_returns=1)
             cell, t0 = pending.pop(done[0])
             try:
-                rec, files = ray.get(done[0])
+                recs, files = ray.get(done[0])
             except Exception as e:  # noqa: BLE001 - a lost node or a worker that cannot import us
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                rec, files = {"error": f"ray task failed: {type(e).__name__}: {first} (every Ray node must "
-                                       "have defectscope and its dependencies installed)"}, {}
+                recs, files = [{"error": f"ray task failed: {type(e).__name__}: {first} (every Ray node must "
+                                         "have defectscope and its dependencies installed)"}], {}
             cdir = _cell_dir(out, cell)
             for name, data in files.items():
-                (cdir / Path(name).name).write_bytes(data)
-            deliver(cell, rec, t0)
+                target = cdir / name
+                if cdir.resolve() not in target.resolve().parents:
+                    continue  # never write outside the cell's folder
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            deliver(cell, recs, t0)
     finally:
         if started:
             ray.shutdown()
@@ -360,7 +355,9 @@ def run_grid(cells: Iterable[Cell], out_dir, resume: bool = False, threads: int 
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / RESULTS).exists():
         (out / RESULTS).rename(out / f"results.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-    done = {record_key(r): r for r in read_results(out)} if resume else {}
+    done: dict[str, list] = {}
+    for r in read_results(out) if resume else []:
+        done.setdefault(record_key(r), []).append(r)
     todo = [c for c in cells if c.key not in done]
     if threads is None and backend == "local" and (jobs or 1) > 1:
         threads = max(1, available_cores() // jobs)
@@ -368,17 +365,21 @@ def run_grid(cells: Iterable[Cell], out_dir, resume: bool = False, threads: int 
         threads = 1  # Ray's own convention for a task of one CPU; ask for more with threads=
     bar = tqdm(total=len(todo), desc="bench", disable=None)
 
-    def deliver(cell: Cell, rec: dict, t0: float) -> None:
-        rec = _finish_record(cell, rec, t0, out / CELLS / cell.cell_id, out)
-        rec["jobs"] = jobs or (1 if backend == "local" else None)
-        rec["backend"] = backend
-        rec["latency_runs"] = n_latency
-        append_result(out, rec)
-        done[cell.key] = rec
+    def deliver(cell: Cell, recs: list, t0: float) -> None:
+        finished = []
+        for rec in recs:
+            rec = _finish_record(cell, rec, t0, out / CELLS / cell.cell_id, out)
+            rec["jobs"] = jobs or (1 if backend == "local" else None)
+            rec["backend"] = backend
+            rec["latency_runs"] = n_latency
+            append_result(out, rec)
+            finished.append(rec)
+        done[cell.key] = finished
         bar.update(1)
         bar.set_postfix_str(f"{cell.model} {cell.category or ''}")
         if on_result:
-            on_result(rec)
+            for rec in finished:
+                on_result(rec)
 
     try:
         if backend == "ray":
@@ -387,18 +388,30 @@ def run_grid(cells: Iterable[Cell], out_dir, resume: bool = False, threads: int 
             _run_local(todo, out, jobs or 1, threads, isolate, n_latency, timeout, deliver)
     finally:
         bar.close()
-    return [done[c.key] for c in cells if c.key in done]
+    return [r for c in cells for r in done.get(c.key, [])]
 
 
 def cells_for(models: list[str], data: str, categories: list[str | None], seeds: list[int],
               params: dict[str, dict] | None = None, setting: str = "one-class",
-              contaminations: list[float | None] | None = None) -> list[Cell]:
-    """The grid's cells in a stable order (model-major, then category, contamination, seed).
-    ``contaminations``: the blind-mix fractions (one cell each; ``[None]`` for other settings)."""
+              contaminations: list[float | None] | None = None, shots: list[int] | None = None) -> list[Cell]:
+    """The grid's cells in a stable order (model-major, then category, contamination or shots, seed).
+
+    ``contaminations``: the blind-mix fractions (one cell each); ``shots``: the few-shot image
+    counts (one cell each). In the multi-class setting a model has one cell per seed, learning
+    the union of ``categories`` (its records: one per category).
+    """
     params = params or {}
+    ps = {m: tuple(sorted(params.get(m, {}).items())) for m in models}
+    if setting == "multi-class":
+        cats = tuple(c for c in categories if c is not None)
+        return [Cell(m, data, None, s, ps[m], setting, categories=cats) for m in models for s in seeds]
+    if setting == "few-shot":
+        if not shots:
+            raise DefectscopeError("the few-shot setting needs shots, e.g. --shots 1,2,4,8")
+        return [Cell(m, data, c, s, ps[m], setting, shots=k) for m in models for c in categories for k in shots
+                for s in seeds]
     levels = list(contaminations) if contaminations else [None]
-    return [Cell(m, data, c, s, tuple(sorted(params.get(m, {}).items())), setting, lvl)
-            for m in models for c in categories for lvl in levels for s in seeds]
+    return [Cell(m, data, c, s, ps[m], setting, lvl) for m in models for c in categories for lvl in levels for s in seeds]
 
 
 __all__ = ["Cell", "run_cell", "run_grid", "cells_for", "read_results", "append_result", "execute_cell",

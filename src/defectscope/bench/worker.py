@@ -1,8 +1,8 @@
 """The process that runs one benchmark cell: ``python -m defectscope.bench.worker JOB.json``.
 
 ``JOB.json`` holds the cell, its thread count, its artifacts folder and the file to write the
-record to. The record is written atomically (temporary file, then rename), so the parent reads
-either a whole record or none (a crash, a kill: the parent records the error). If the parent dies,
+records to (one per evaluated category). They are written atomically (temporary file, then rename), so the parent reads
+either all of them or none (a crash, a kill: the parent records the error). If the parent dies,
 the worker stops too instead of running on unseen.
 """
 
@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     _exit_with_parent()
     from .grid import Cell, execute_cell
 
-    rec = execute_cell(Cell.from_json(job["cell"]), job.get("threads"), job.get("artifacts_dir"),
-                       int(job.get("n_latency") or 50))
+    recs = execute_cell(Cell.from_json(job["cell"]), job.get("threads"), job.get("artifacts_dir"),
+                        int(job.get("n_latency") or 50))
     out = Path(job["result"])
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(rec, default=str))
+    tmp.write_text(json.dumps({"records": recs}, default=str))
     os.replace(tmp, out)
     return 0
 

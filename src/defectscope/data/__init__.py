@@ -34,7 +34,7 @@ from ..errors import DatasetError
 from .base import GOOD, AnomalyDataset, Record
 from .blind import SETTINGS, BlindSplit, blind_split, load_setting, normalize_setting
 from .folder import FolderDataset
-from .io import IMAGE_EXTENSIONS, is_image_file, list_images, read_image, read_mask
+from ..imageio import IMAGE_EXTENSIONS, is_image_file, list_images, read_image, read_mask
 from .mvtec import MVTEC_CATEGORIES, MVTecDataset
 from .mvtec import list_categories as mvtec_categories
 from .synthetic import (

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DatasetError
-from .io import read_image, read_image_size, read_mask
+from ..imageio import read_image, read_image_size, read_mask
 from .transforms import Preprocess, SizeLike, normalize_size, resize_image, resize_mask
 
 __all__ = ["Record", "AnomalyDataset", "GOOD"]

@@ -42,25 +42,23 @@ import numpy as np
 
 from ..errors import DatasetError
 from .base import AnomalyDataset, Record
+from .settings import normalize_setting as any_setting
 
 __all__ = ["SETTINGS", "BlindSplit", "normalize_setting", "contamination_order", "blind_split", "load_setting",
            "UNLABELLED"]
 
 #: The settings, under their canonical names (as recorded in the ``setting`` field of a result).
 SETTINGS = ("one-class", "blind-mix", "blind-test", "blind-ano")
-_ALIASES = {"normal": "one-class", "one_class": "one-class", "oneclass": "one-class", "mix": "blind-mix",
-            "test": "blind-test", "ano": "blind-ano"}
-
 #: The defect type every training item of a blind setting shows.
 UNLABELLED = "unlabelled"
 
 
 def normalize_setting(name: str) -> str:
-    """The canonical name of a setting (``normal`` -> ``one-class``, ``mix`` -> ``blind-mix``...)."""
-    key = str(name).strip().lower().replace("_", "-")
-    key = _ALIASES.get(key, key)
+    """The canonical name of one of this module's settings (``normal`` -> ``one-class``, ``mix`` ->
+    ``blind-mix``...); the other settings are built by :func:`defectscope.data.settings.load_split`."""
+    key = any_setting(name)
     if key not in SETTINGS:
-        raise DatasetError(f"unknown setting {name!r}; use one of normal (one-class), blind-mix, blind-test, "
+        raise DatasetError(f"{name!r} is not a blind setting; use one of normal (one-class), blind-mix, blind-test, "
                            "blind-ano")
     return key
 

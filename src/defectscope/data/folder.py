@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from .base import GOOD, AnomalyDataset, Record
-from .io import list_images
+from ..imageio import list_images
 from .mvtec import SPLITS, find_mask
 from .transforms import SizeLike
 

@@ -7,7 +7,7 @@ Layout (``<root>`` may also be the category folder itself)::
     <root>/<category>/test/<defect_type>/*.png      anomalous test images
     <root>/<category>/ground_truth/<defect_type>/<stem>_mask.png   (or <stem>.png)
 
-Any image extension of :data:`~defectscope.data.io.IMAGE_EXTENSIONS` is accepted for images and
+Any image extension of :data:`~defectscope.imageio.IMAGE_EXTENSIONS` is accepted for images and
 masks. Masks are binarized at > 0 (MVTec masks are 0/255).
 """
 
@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple, Union
 
 from ..errors import DatasetError
 from .base import GOOD, AnomalyDataset, Record
-from .io import IMAGE_EXTENSIONS, list_images
+from ..imageio import IMAGE_EXTENSIONS, list_images
 from .transforms import SizeLike
 
 __all__ = ["MVTEC_CATEGORIES", "MVTecDataset", "list_categories", "is_category_dir",

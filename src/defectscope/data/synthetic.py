@@ -51,7 +51,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..errors import DatasetError
-from .io import list_images
+from ..imageio import list_images
 
 __all__ = [
     "SYNTHETIC_CATEGORIES",

@@ -130,7 +130,7 @@ class Preprocess:
     ``None``. ``channels`` is 1 or 3. Picklable, and round-trips through JSON with
     :meth:`to_dict` / :meth:`from_dict`. Calling it on an image tensor ``[C, H, W]`` (or
     ``[N, C, H, W]``) in [0, 1] converts the channels and resizes; it also accepts a path or a PIL
-    image, which it reads with :func:`defectscope.data.io.read_image`.
+    image, which it reads with :func:`defectscope.imageio.read_image`.
     """
 
     image_size: Optional[Tuple[int, int]] = (256, 256)
@@ -143,7 +143,7 @@ class Preprocess:
 
     def __call__(self, img: Any) -> torch.Tensor:
         if not isinstance(img, torch.Tensor):
-            from .io import pil_to_tensor, read_image  # local import: io imports nothing from here
+            from ..imageio import pil_to_tensor, read_image  # local import: io imports nothing from here
 
             try:
                 from PIL import Image

@@ -449,7 +449,7 @@ def check_images(model, images=None, n: int = 4, resize: bool = True) -> torch.T
     """Images ``[N, C, H, W]`` to compare on: the given tensor, the given paths (read and, with
     ``resize=False``, resized as in training), or ``n`` deterministic ones (smooth random fields
     plus noise, at 1.5x the model's size when the graph resizes, so the resize is exercised)."""
-    from ..data.io import read_image
+    from ..imageio import read_image
     from ..data.transforms import resize_image
 
     if isinstance(images, torch.Tensor):

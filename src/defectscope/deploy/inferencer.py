@@ -10,8 +10,8 @@
 Inputs (each goes through the preprocessing stored with the model, the same as in training: read
 as float in [0, 1], channels converted, resized with antialiased bilinear filtering, no crop):
 
-* a path (``str`` / ``os.PathLike``): read with :func:`defectscope.data.io.read_image`;
-* a PIL image: :func:`defectscope.data.io.pil_to_tensor`, exactly what reading its file gives;
+* a path (``str`` / ``os.PathLike``): read with :func:`defectscope.imageio.read_image`;
+* a PIL image: :func:`defectscope.imageio.pil_to_tensor`, exactly what reading its file gives;
 * a numpy array ``H x W`` (grayscale) or ``H x W x C`` with ``C`` = 1, 3 (RGB) or 4 (RGBA, alpha
   dropped), or a batch ``N x H x W x C``. ``uint8`` (and ``uint16`` grayscale) go through PIL, so
   they give exactly what the same pixels read from a PNG give; ``uint16`` colour is divided by
@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data.io import pil_to_tensor
+from ..imageio import pil_to_tensor
 from ..data.transforms import Preprocess
 from ..errors import DefectscopeError, ImageReadError
 
@@ -152,7 +152,7 @@ class Inferencer:
     """
 
     def __init__(self, model, device: str | None = None, warmup: bool = True) -> None:
-        from ..engine.train import auto_device
+        from ..training import auto_device
         from ..models.base import AnomalyModel
         from ..models.io import load_model
 
@@ -181,7 +181,7 @@ class Inferencer:
         source = None
         c = self.model.channels
         if isinstance(x, (str, os.PathLike)):
-            from ..data.io import read_image
+            from ..imageio import read_image
 
             source = str(x)
             t = read_image(Path(x), c)

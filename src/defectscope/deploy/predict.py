@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data.io import list_images
+from ..imageio import list_images
 from ..errors import DefectscopeError
 from .inferencer import Inferencer
 

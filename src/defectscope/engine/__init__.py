@@ -1,7 +1,8 @@
-"""Fit / evaluate loops, timing and memory probes, and the shared training loop."""
+"""Fit / evaluate one experiment: timing and memory probes, the result record."""
 
-from .evaluate import evaluate, hardware, measure_speed, peak_rss_mb, predict_dataset, run_experiment
-from .train import auto_device, load_images, seed_everything, train_loop
+from .evaluate import (evaluate, hardware, measure_speed, peak_rss_mb, predict_dataset, run_experiment,
+                       run_experiments, test_saved_model)
+from .record import ResultRecord
 
 __all__ = ["evaluate", "hardware", "measure_speed", "peak_rss_mb", "predict_dataset", "run_experiment",
-           "auto_device", "load_images", "seed_everything", "train_loop"]
+           "run_experiments", "test_saved_model", "ResultRecord"]

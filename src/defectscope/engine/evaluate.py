@@ -18,19 +18,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import load_setting
+from ..data.settings import family as setting_tag
+from ..data.settings import load_split
+from ..errors import DefectscopeError
 from ..metrics import compute_metrics
-from ..models.base import create_model
-from ..models.base import AnomalyModel
+from ..models.base import AnomalyModel, FitContext, create_model
 from ..models.io import versions
+from .record import ResultRecord
 
-__all__ = ["predict_dataset", "evaluate", "measure_speed", "peak_rss_mb", "hardware", "run_experiment", "dir_size_mb"]
+__all__ = ["predict_dataset", "evaluate", "measure_speed", "peak_rss_mb", "hardware", "run_experiment",
+           "run_experiments", "test_saved_model", "dir_size_mb"]
 
 
 def peak_rss_mb() -> float:
@@ -115,49 +118,95 @@ def measure_speed(model: AnomalyModel, image: torch.Tensor, n_latency: int = 50,
     return {"latency_ms": statistics.median(times) * 1000, "throughput_ips": batch * n_batches / dt}
 
 
-def run_experiment(model_name: str, params: dict | None = None, data: str = "synthetic", category: str | None = None,
-                   seed: int = 0, setting: str = "one-class", save_to=None, measure: bool = True,
-                   n_latency: int = 50, artifacts_dir=None, contamination: float | None = None) -> dict[str, Any]:
-    """Fit ``model_name`` on the training split of ``data``/``category``, evaluate on its test
-    split, time it, and return the result record. Errors are raised (the benchmark catches
-    them per cell). ``artifacts_dir``: also save there what the report draws (image scores and a
-    few example images, masks and maps; see :mod:`defectscope.report.artifacts`). ``setting`` and
-    ``contamination``: the one-class setting or a blind one (:mod:`defectscope.data.blind`; the
-    split depends on ``seed`` and the data only, never on the model)."""
+def run_experiments(model_name: str, params: dict | None = None, data: str = "synthetic", category: str | None = None,
+                    seed: int = 0, setting: str = "one-class", contamination: float | None = None,
+                    shots: int | None = None, categories: list[str] | None = None, save_to=None,
+                    measure: bool = True, n_latency: int = 50,
+                    keep: Callable[[str | None, dict, Any], None] | None = None) -> list[dict[str, Any]]:
+    """Build ``setting`` from ``data`` (:func:`defectscope.data.settings.load_split`), fit
+    ``model_name`` once on its training side, evaluate it on each of its evaluation sets (one, or
+    one per category in the multi-class setting), time it, and return one result record (a flat
+    dict, :class:`~defectscope.engine.record.ResultRecord`) per evaluation set. Errors are raised
+    (the benchmark catches them per cell). The split depends on ``seed`` and the data only, never
+    on the model. ``keep(category, predictions, test_set)``: called with the raw predictions of each
+    evaluation set (the benchmark saves what its report draws).
+    """
     params = dict(params or {})
     params.setdefault("seed", seed)
     model = create_model(model_name, **params)
-    split = load_setting(data, category, setting, contamination, seed, image_size=model.image_size,
-                         channels=model.channels)
-    train, test = split.train, split.test
+    needed = setting_tag(setting)
+    if needed not in model.tags.settings:
+        raise DefectscopeError(f"{model.name} does not support the {setting} setting (its settings: "
+                               f"{', '.join(sorted(model.tags.settings))})")
+    split = load_split(data, category, setting, contamination=contamination, shots=shots, seed=seed,
+                       categories=categories, image_size=model.image_size, channels=model.channels)
+    context = FitContext(setting=split.setting, categories=tuple(
+        split.info.get("categories") or [t.category for t in split.tests.values()]))
     t0 = time.perf_counter()
-    model.fit(train)
+    model.fit(split.train, context=context)
     fit_s = time.perf_counter() - t0
-    metrics, predictions = evaluate(model, test)
-    if len(set(predictions["labels"].tolist())) < 2:  # blind-ano: one class, image metrics undefined
-        metrics.update({k: None for k in metrics if k.startswith("image_")})
-    if artifacts_dir is not None:
-        from ..report.artifacts import save_artifacts
-
-        save_artifacts(artifacts_dir, predictions, test)
-    record: dict[str, Any] = {
-        "model": model.name, "params": model.params, "dataset": data.split(":", 1)[0],
-        "data": data, "category": train.category, "seed": seed, **split.info(),
-        **metrics, "fit_s": fit_s,
-    }
+    base = ResultRecord(model=model.name, params=model.params, dataset=data.split(":", 1)[0], data=data,
+                        setting=split.setting, contamination=split.info.get("contamination"),
+                        shots=split.info.get("shots"), seed=seed, fit_s=fit_s)
+    records = []
+    for cat, test in split.tests.items():
+        metrics, predictions = evaluate(model, test)
+        if len(set(predictions["labels"].tolist())) < 2:  # blind-ano: one class, image metrics undefined
+            metrics.update({k: None for k in metrics if k.startswith("image_")})
+        if keep is not None:
+            keep(cat, predictions, test)
+        rec = ResultRecord(**{**base.__dict__, "params": dict(model.params)})
+        rec.category, rec.metrics = cat, metrics
+        rec.split = {k: v for k, v in split.info.items() if k not in ("contamination", "shots", "categories")}
+        if len(split.tests) > 1:  # multi-class: the counts of this category's evaluation
+            rec.split.update(n_test=len(test), n_test_anomalous=int(predictions["labels"].sum()))
+        records.append(rec)
+    first_test = next(iter(split.tests.values()))
+    cost: dict[str, Any] = {}
     if measure:
-        record.update(measure_speed(model, test[0]["image"], n_latency=n_latency))
+        cost.update(measure_speed(model, first_test[0]["image"], n_latency=n_latency))
     tmp = None
     try:
         target = Path(save_to) if save_to else Path(tmp := tempfile.mkdtemp(prefix="defectscope-"))
         model.save(target)
-        record["model_mb"] = dir_size_mb(target)
+        cost["model_mb"] = dir_size_mb(target)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    record.update({
-        "peak_rss_mb": peak_rss_mb(), "device": str(model.device.type), "threads": torch.get_num_threads(),
-        "image_size": model.image_size,
-        "versions": versions(), "hardware": hardware(), "error": None,
-    })
-    return record
+    cost.update(peak_rss_mb=peak_rss_mb(), device=str(model.device.type), threads=torch.get_num_threads(),
+                image_size=model.image_size, versions=versions(), hardware=hardware(), error=None)
+    return [rec.update(cost).to_dict() for rec in records]
+
+
+def test_saved_model(model_dir, data: str = "synthetic", category: str | None = None, measure: bool = True,
+                     n_latency: int = 50) -> dict[str, Any]:
+    """Evaluate the model saved in ``model_dir`` on the test split of ``data``/``category``: its
+    result record (``fit_s`` is None: the fit happened elsewhere). With the same seed and data, a
+    model fitted by ``defectscope fit --val-fraction 0`` gives the metrics of the benchmark cell."""
+    from ..data import load_dataset
+    from ..models.io import load_model
+
+    model = load_model(model_dir)
+    test = load_dataset(data, category, "test", image_size=model.image_size, channels=model.channels)
+    metrics, _ = evaluate(model, test)
+    rec = ResultRecord(model=model.name, params=dict(model.params), dataset=data.split(":", 1)[0], data=data,
+                       category=test.category, seed=model.params["seed"], metrics=metrics,
+                       split={"n_test": len(test), "n_test_anomalous": int(sum(test.labels))},
+                       model_mb=dir_size_mb(model_dir), device=str(model.device.type),
+                       threads=torch.get_num_threads(), image_size=model.image_size, versions=versions(),
+                       hardware=hardware())
+    if measure:
+        rec.update(measure_speed(model, test[0]["image"], n_latency=n_latency))
+    return rec.to_dict()
+
+
+def run_experiment(model_name: str, params: dict | None = None, data: str = "synthetic", category: str | None = None,
+                   seed: int = 0, setting: str = "one-class", save_to=None, measure: bool = True,
+                   n_latency: int = 50, contamination: float | None = None, shots: int | None = None,
+                   keep=None) -> dict[str, Any]:
+    """:func:`run_experiments` for a setting with one evaluation set (every setting but
+    multi-class): its one result record."""
+    if setting_tag(setting) == "multi-class":
+        raise DefectscopeError("the multi-class setting gives one record per category: use run_experiments")
+    return run_experiments(model_name, params, data, category, seed, setting, contamination, shots, None,
+                           save_to, measure, n_latency, keep)[0]

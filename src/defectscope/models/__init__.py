@@ -1,12 +1,10 @@
 """Every anomaly-detection method of defectscope, one module each, behind one contract."""
 
-from . import dae, padim, patchcore, sae  # noqa: F401  (importing registers the methods)
-from . import fre, reverse_distillation, stfpm  # noqa: F401  (distillation family)
-from . import efficientad  # noqa: F401  (distillation family: EfficientAD)
-from . import dfkde, dfm, gaussian_ad, spade  # noqa: F401  (feature-statistics memory family)
-from . import patchcluster  # noqa: F401  (blind setting)
-from .base import MODELS, AnomalyModel, Prediction, create_model, get_model_class, list_models, register
+from . import adaptation, distillation, flow, foundation, memory, reconstruction  # noqa: F401  (registers)
+from .base import MODELS, AnomalyModel, FitContext, Prediction, create_model, get_model_class, list_models, register
+from .calibration import Calibration
+from .params import Param, Tags
 from .io import load_model, save_model
 
-__all__ = ["AnomalyModel", "Prediction", "create_model", "get_model_class", "list_models", "register",
+__all__ = ["AnomalyModel", "Calibration", "FitContext", "Param", "Prediction", "Tags", "create_model", "get_model_class", "list_models", "register",
            "load_model", "save_model", "MODELS"]

@@ -7,13 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backbones import DEFAULT_BACKBONE, create_backbone, find_weights, get_spec
-from ..ops.blur import gaussian_blur
+from ..backbones import BACKBONES, DEFAULT_BACKBONE, create_backbone, find_weights, get_spec
 from ..errors import DefectscopeError
+from ..ops.blur import gaussian_blur
 from .base import AnomalyModel
-
-BACKBONE_DEFAULTS = {"backbone": DEFAULT_BACKBONE, "layers": None, "weights": None,
-                     "image_size": 256, "channels": 3, "blur_sigma": 4.0, "seed": 0, "device": None}
+from .params import Param, Tags
 
 
 class BackboneModel(AnomalyModel):
@@ -23,6 +21,15 @@ class BackboneModel(AnomalyModel):
     on its ResNet (see :data:`defectscope.backbones.PAPER_LAYERS`). The backbone's tensors are
     saved with the model, so a saved model needs no weight file to load.
     """
+
+    hparams = (
+        Param("backbone", "str", DEFAULT_BACKBONE, "pretrained feature extractor (see 'defectscope backbones')",
+              choices=lambda: tuple(BACKBONES)),
+        Param("layers", "strs", None, "backbone layers to tap; none = the layers of the paper's strides", optional=True),
+        Param("weights", "str", None, "backbone weights file; none = found offline (see 'defectscope backbones')",
+              optional=True, path=True),
+    )
+    tags = Tags(weights="backbone")
 
     def paper_layers(self, spec) -> tuple[str, ...]:
         """The layers the paper taps, for ``spec`` (default: the stride-4/8/16 layers)."""

@@ -1,10 +1,14 @@
 """The model contract every method follows, and the registry that names them.
 
 A method is a class derived from :class:`AnomalyModel`, registered under a short name with
-:func:`register`. Its constructor only stores hyper-parameters (defaults = the paper's, listed in
-the class attribute ``defaults``); :meth:`AnomalyModel.fit` learns from a data set of normal
-images (or an unlabelled mix in the blind setting); :meth:`AnomalyModel.predict` maps a batch of
-images ``[B, C, H, W]`` in ``[0, 1]`` to a :class:`Prediction`.
+:func:`register`. It declares its hyper-parameters once (:class:`~defectscope.models.params.Param`
+in ``hparams``: type, the paper's default, allowed values, meaning) and its capabilities
+(:class:`~defectscope.models.params.Tags` in ``tags``). Its constructor only converts and checks the
+hyper-parameters; :meth:`AnomalyModel.fit` learns from a data set of normal images (an unlabelled
+mix in the blind setting, the union of categories in the multi-class setting, a few images in the
+few-shot setting, nothing but the context in the zero-shot setting);
+:meth:`AnomalyModel.predict` maps a batch of images ``[B, C, H, W]`` in ``[0, 1]`` to a
+:class:`Prediction`.
 
 Example::
 
@@ -16,15 +20,18 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import DefectscopeError
+from .calibration import Calibration
+from .params import Param, Tags, check_params, collect
 
-__all__ = ["AnomalyModel", "Prediction", "register", "create_model", "list_models", "get_model_class", "MODELS"]
+__all__ = ["AnomalyModel", "FitContext", "Prediction", "register", "create_model", "list_models", "get_model_class",
+           "MODELS"]
 
 
 @dataclass
@@ -39,6 +46,21 @@ class Prediction:
 
     score: torch.Tensor
     anomaly_map: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What a method may know besides its training images.
+
+    Attributes:
+        setting: the learning setting (``"one-class"``, ``"multi-class"``, ``"few-shot"``,
+            ``"zero-shot"``, ``"blind-mix"``...).
+        categories: the categories the training images come from (one, or several in the
+            multi-class setting; a zero-shot method's only input, e.g. for its text prompts).
+    """
+
+    setting: str = "one-class"
+    categories: tuple[str, ...] = field(default_factory=tuple)
 
 
 MODELS: dict[str, type["AnomalyModel"]] = {}
@@ -73,10 +95,16 @@ def create_model(name: str, **params: Any) -> "AnomalyModel":
     return get_model_class(name)(**params)
 
 
-def list_models() -> list[type["AnomalyModel"]]:
-    """Every registered method class, sorted by name."""
+def list_models(**tags: Any) -> list[type["AnomalyModel"]]:
+    """Every registered method class whose tags match ``tags``, sorted by name.
+
+    ``list_models(setting="zero-shot")``, ``list_models(trains=False, pixel_level=True)``: the
+    filters are :meth:`Tags.matches`; ``paradigm="memory"`` filters by family.
+    """
     _ensure_loaded()
-    return [MODELS[k] for k in sorted(MODELS)]
+    family = tags.pop("paradigm", None)
+    return [MODELS[k] for k in sorted(MODELS)
+            if MODELS[k].tags.matches(**tags) and (family is None or MODELS[k].paradigm == family)]
 
 
 class AnomalyModel(nn.Module):
@@ -87,32 +115,66 @@ class AnomalyModel(nn.Module):
 
     Class attributes:
         name: registry name (``"patchcore"``).
-        paradigm: family (``"reconstruction"``, ``"memory"``, ``"distillation"``...).
+        paradigm: family (``"memory"``, ``"flow"``, ``"distillation"``, ``"reconstruction"``,
+            ``"adaptation"``, ``"foundation"``): the folder of its module.
         description: one line for ``defectscope models``.
-        defaults: hyper-parameters and their paper defaults. Every method also has
-            ``image_size`` and ``channels`` (its input) and ``seed``.
-        pixel_level: False for methods that only score whole images.
+        paper: the paper (or source) it implements; notes: its defaults and every deviation from the
+            paper, in a sentence or two (both feed the README's methods table).
+        hparams: the method's own :class:`Param` declarations (the shared ones, declared here and
+            on the family base classes, are inherited).
+        overrides: ``{name: default}`` for an inherited parameter whose paper default differs.
+        tags: what it can do (:class:`Tags`).
+        smoke: parameter values for the tiniest meaningful fit (seconds on a CPU), used by the
+            conformance suite (``tests/test_conformance.py``) and nowhere else.
+        param_specs, defaults, pixel_level: derived from the above when the class is created.
     """
 
     name: ClassVar[str] = ""
     paradigm: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    notes: ClassVar[str] = ""
+    hparams: ClassVar[tuple[Param, ...]] = (
+        Param("image_size", "int", 256, "input side in pixels (images are resized to it, no crop)", ge=8),
+        Param("channels", "int", 3, "input channels: 3 = RGB, 1 = grayscale", choices=(1, 3)),
+        Param("seed", "int", 0, "random seed of everything the fit draws", ge=0),
+        Param("device", "str", None, "torch device (cpu, cuda, cuda:1...); none = CUDA when present, else CPU",
+              optional=True),
+        Param("blur_sigma", "float", 4.0, "sigma of the Gaussian blur of the anomaly map (0 = none)", ge=0),
+    )
+    overrides: ClassVar[dict[str, Any]] = {}
+    tags: ClassVar[Tags] = Tags()
+    smoke: ClassVar[dict[str, Any]] = {}
+    param_specs: ClassVar[dict[str, Param]] = {}
     defaults: ClassVar[dict[str, Any]] = {}
     pixel_level: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.param_specs = collect(cls)
+        cls.defaults = {n: p.default for n, p in cls.param_specs.items()}
+        cls.pixel_level = cls.tags.pixel_level
+        bad = sorted(set(cls.smoke) - set(cls.param_specs))
+        if bad:
+            raise TypeError(f"{cls.__name__}: smoke names undeclared parameter(s) {bad}")
+
+    @classmethod
+    def convert_params(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` (from Python, JSON or the command line) converted and checked against the
+        declarations, without the defaults: what a benchmark cell records as its parameters."""
+        full = check_params(cls.name, cls.param_specs, values)
+        return {k: full[k] for k in values}
+
     def __init__(self, **params: Any) -> None:
         super().__init__()
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            raise DefectscopeError(
-                f"{self.name}: unknown parameter(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(self.defaults))}"
-            )
-        self.params: dict[str, Any] = {**self.defaults, **params}
+        self.params: dict[str, Any] = check_params(self.name or type(self).__name__, self.param_specs, params)
         self.fitted = False
-        #: The decision rule (:class:`defectscope.deploy.Calibration`), set by calibration on a
-        #: validation split of the training side and saved with the model; None until then.
-        self.calibration = None
+        #: The decision rule (:class:`~defectscope.models.calibration.Calibration`), filled in by
+        #: ``defectscope.deploy.calibrate`` on validation data of the training side and saved with
+        #: the model; None until then.
+        self.calibration: Calibration | None = None
+        #: What :meth:`fit` was told besides the images (:class:`FitContext`).
+        self.context = FitContext()
 
     # -- what subclasses implement ------------------------------------------------------------
     def _build(self, pretrained: bool = True) -> None:
@@ -147,14 +209,20 @@ class AnomalyModel(nn.Module):
             return t.device
         return torch.device("cpu")
 
-    def fit(self, dataset, val_dataset=None) -> "AnomalyModel":
+    def fit(self, dataset=None, val_dataset=None, *, context: FitContext | None = None) -> "AnomalyModel":
         """Learn what normal looks like from ``dataset`` (items: dicts with an ``"image"``).
 
         ``val_dataset``, when given, holds normal images for early stopping or calibration,
-        taken from the training side (never the test set).
+        taken from the training side (never the test set). ``context``: the setting and the
+        categories (:class:`FitContext`). A method tagged zero-shot may be fitted with no data set
+        (``dataset=None`` or empty); every other method refuses that.
         """
-        if len(dataset) == 0:
-            raise DefectscopeError(f"{self.name}: the training set is empty")
+        self.context = context or FitContext()
+        if dataset is None or len(dataset) == 0:
+            if "zero-shot" not in self.tags.settings:
+                raise DefectscopeError(f"{self.name}: the training set is empty (this method is not zero-shot: "
+                                       "it needs normal training images)")
+            dataset = None
         self._build()
         self._fit(dataset, val_dataset)
         self.fitted = True

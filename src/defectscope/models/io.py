@@ -2,7 +2,7 @@
 
 Nothing is ever unpickled: tensors go through safetensors, everything else through JSON. The
 config records the model name, its hyper-parameters, the backbone id, the library versions that
-wrote it, the input preprocessing, the calibrated thresholds (:class:`defectscope.deploy.Calibration`,
+wrote it, the input preprocessing, the calibrated thresholds (:class:`defectscope.models.calibration.Calibration`,
 ``null`` if not calibrated), the SHA-256 of the weights file and the SHA-256 of the config itself
 (``config_sha256``, over its canonical JSON without that key). Loading verifies both checksums and
 the format version and refuses a tampered, truncated, mismatched or newer file with a clear error.
@@ -22,9 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..data.transforms import Preprocess
 from ..errors import ModelFileError
 from .base import AnomalyModel, get_model_class
+from .calibration import Calibration
 
 FORMAT = "defectscope-model"
 FORMAT_VERSION = 2  # 2: config_sha256, calibration, backbone (version 1 files still load)
@@ -50,7 +50,7 @@ def versions() -> dict[str, str]:
     """Versions of defectscope and of the libraries that shape its numbers."""
     import numpy
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"defectscope": __version__, "torch": torch.__version__.split("+")[0], "numpy": numpy.__version__}
 
@@ -71,7 +71,7 @@ def save_model(model: AnomalyModel, path) -> Path:
             "model": model.name,
             "params": model.params,
             "extra": model.extra_config(),
-            "preprocess": {**Preprocess(model.image_size, model.channels).to_dict(),
+            "preprocess": {**input_spec(model),
                            "value_range": [0.0, 1.0], "resize": "bilinear, antialiased, no crop"},
             "backbone": _backbone_id(model),
             "calibration": model.calibration.to_dict() if getattr(model, "calibration", None) else None,
@@ -91,6 +91,18 @@ def save_model(model: AnomalyModel, path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def input_spec(model: AnomalyModel) -> dict:
+    """``{"image_size": [H, W], "channels": C}``: the input a model expects, as its config stores
+    it (the form :meth:`defectscope.data.Preprocess.from_dict` reads)."""
+    return {"image_size": [model.image_size, model.image_size], "channels": model.channels}
+
+
+def _stored_input(pre: dict) -> dict:
+    size = pre.get("image_size")
+    size = [size, size] if isinstance(size, int) else (list(size) if size is not None else None)
+    return {"image_size": size, "channels": int(pre.get("channels", 3))}
 
 
 def _backbone_id(model: AnomalyModel) -> dict | None:
@@ -149,12 +161,10 @@ def load_model(path, map_location: str | torch.device = "cpu") -> AnomalyModel:
     _assign_state(model, tensors, weights)
     model.load_extra_config(config.get("extra", {}))
     pre = config.get("preprocess") or {}
-    if pre and Preprocess.from_dict(pre) != Preprocess(model.image_size, model.channels):
+    if pre and _stored_input(pre) != input_spec(model):
         raise ModelFileError(f"{path / CONFIG}: preprocessing {pre} does not match the model's parameters "
                              f"(image_size {model.image_size}, channels {model.channels}); the directory is damaged")
     if config.get("calibration") is not None:
-        from ..deploy.threshold import Calibration
-
         model.calibration = Calibration.from_dict(config["calibration"], source=path / CONFIG)
     model.fitted = True
     return model.eval()

@@ -62,7 +62,7 @@ img{max-width:100%;height:auto;border:1px solid #e3e7ec}
 def _records(out: Path, meta: dict | None = None) -> list[dict]:
     """The rows of ``results.jsonl``, one per cell (the last), in grid order: models as the run
     listed them, then categories, then seeds (cells run in parallel finish in any order)."""
-    from ..bench.grid import read_results
+    from ..engine.record import read_results
 
     rows = [r for r in read_results(out) if r.get("model")]
     last: dict[Any, dict] = {}
@@ -370,7 +370,7 @@ def build_report(out_dir, meta: dict | None = None) -> Path:
         from ..errors import DefectscopeError
 
         raise DefectscopeError(f"no benchmark directory {out}; run 'defectscope bench --out {out}' first")
-    from ..bench.grid import RESULTS
+    from ..engine.record import RESULTS
 
     if not (out / RESULTS).is_file():
         from ..errors import DefectscopeError

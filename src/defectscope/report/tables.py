@@ -46,7 +46,10 @@ def with_setting_columns(cols: list[tuple[str, str, str]], records: Sequence[dic
     if not is_blind(records) or any(c[0] == "setting" for c in cols):
         return cols
     at = next((i + 1 for i, c in enumerate(cols) if c[0] == "category"), 1)
-    return cols[:at] + [("setting", "setting", "s"), ("contamination", "contam. %", "pct")] + cols[at:]
+    extra = [("setting", "setting", "s"), ("contamination", "contam. %", "pct")]
+    if any(r.get("shots") is not None for r in records):
+        extra.append(("shots", "shots", "s"))
+    return cols[:at] + extra + cols[at:]
 
 
 def _columns(records: Sequence[dict], columns) -> list[tuple[str, str, str]]:
@@ -110,7 +113,8 @@ def mean_rows(records: Iterable[dict]) -> list[dict]:
         if several:
             row["data"] = data
         if blind:
-            row["setting"], row["contamination"] = key[2:]
+            row["setting"] = key[2]
+            row["shots" if key[2] == "few-shot" else "contamination"] = key[3]
         for key in NUMERIC:
             vals = [v for v in (_number(r.get(key)) for r in ok) if v is not None]
             row[key] = sum(vals) / len(vals) if vals else None
@@ -122,21 +126,25 @@ def mean_rows(records: Iterable[dict]) -> list[dict]:
 
 # -- the blind setting -------------------------------------------------------------------------
 def setting_of(rec: dict) -> tuple[str, float | None]:
-    """``(setting, contamination)`` of a record; one-class counts as contamination 0."""
+    """``(setting, level)`` of a record: the level is the contamination (one-class counts as 0),
+    or the number of shots in the few-shot setting."""
     setting = rec.get("setting") or "one-class"
-    c = rec.get("contamination")
+    c = rec.get("shots") if setting == "few-shot" else rec.get("contamination")
     if setting == "one-class":
         c = 0.0
     return setting, (float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else None)
 
 
-_SETTING_ORDER = {"one-class": 0, "blind-mix": 1, "blind-test": 2, "blind-ano": 3}
+_SETTING_ORDER = {"one-class": 0, "multi-class": 1, "few-shot": 2, "zero-shot": 3, "blind-mix": 4, "blind-test": 5,
+                  "blind-ano": 6}
 
 
 def setting_label(setting: str, contamination: float | None) -> str:
     """A column title: ``one-class``, ``mix 10 %``, ``test``, ``ano``."""
     if setting == "blind-mix":
         return f"mix {100 * (contamination or 0):g} %"
+    if setting == "few-shot":
+        return f"{contamination or 0:g}-shot"
     return setting.replace("blind-", "")
 
 
@@ -195,7 +203,9 @@ def blind_markdown(records: Iterable[dict]) -> str:
     records = list(records)
     if not is_blind(records):
         return ""
-    parts = ["# Blind setting: mean over categories (percent)"] + [n for n in [training_share_note(records)] if n]
+    blind_only = all(setting_of(r)[0] in ("one-class", "blind-mix", "blind-test", "blind-ano") for r in records)
+    title = "# Blind setting" if blind_only else "# Learning settings"
+    parts = [f"{title}: mean over categories (percent)"] + [n for n in [training_share_note(records)] if n]
     for metric, title in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO")):
         parts.append(f"## {title}\n\n{setting_table(records, metric)}")
     return "\n\n".join(parts) + "\n"

@@ -16,7 +16,7 @@ Predict (eq. 2-3): the anomaly score is the sum over the levels of the Mahalanob
 computed as ||L_l^-1 (x_l - mu_l)|| with Sigma_l = L_l L_l^T (shared kernels
 :func:`defectscope.ops.cholesky_inverse_factor`, :func:`defectscope.ops.mahalanobis`).
 
-Image-level only: the method scores whole images, so :attr:`pixel_level` is False and the
+Image-level only: the method scores whole images, so its ``tags.pixel_level`` is False and the
 predictions carry no anomaly map (no pixel metrics are reported for it).
 
 Defaults and deviations: the paper uses all nine levels of EfficientNet-B4 (stem, seven stages,
@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.train import auto_device
-from ..errors import DefectscopeError
-from ..ops import cholesky_inverse_factor, ledoit_wolf, mahalanobis
+from ...training import auto_device
+from ...errors import DefectscopeError
+from ...ops import cholesky_inverse_factor, ledoit_wolf, mahalanobis
 from ._features import dataset_features, global_pool
-from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
-from .base import Prediction, register
+from .._pretrained import BackboneModel
+from ..base import Prediction, register
+from ..params import Param, Tags
 
 
 @register
@@ -46,8 +47,21 @@ class GaussianAD(BackboneModel):
     name = "gaussian_ad"
     paradigm = "memory"
     description = "Gaussian AD (ICPR 2020): Ledoit-Wolf Gaussian per level of pooled features, summed Mahalanobis"
-    defaults = {**BACKBONE_DEFAULTS, "batch_size": 16}
-    pixel_level = False
+    paper = "Rippel et al., ICPR 2020"
+    notes = (
+        "paper defaults (every level globally average-pooled, Ledoit-Wolf Gaussian per level, score = "
+        "sum of Mahalanobis distances); EfficientNet-Lite0's seven stages instead of "
+        "EfficientNet-B4's nine levels (stem and head not tapped); no anomaly map, no pixel metrics"
+    )
+    hparams = (
+        Param("batch_size", "int", 16, "images per batch of feature extraction", ge=1),
+    )
+    # image-level only. Not few-shot: the fit needs at least 3 training images (with 2, the centred
+    # samples are x and -x, the Ledoit-Wolf shrinkage is 0 and the covariance has rank 1: singular).
+    # export: verified with deploy.export.export_model on a smoke fit (dynamic batch)
+    tags = Tags(settings={"one-class", "multi-class", "blind"}, trains=False, pixel_level=False,
+                weights="backbone", export="dynamic", input="rgb")
+    smoke = {"image_size": 32, "batch_size": 8}
 
     def paper_layers(self, spec) -> tuple[str, ...]:
         return tuple(info.name for info in spec.layers)  # every level of the network
@@ -65,10 +79,11 @@ class GaussianAD(BackboneModel):
         return tuple(global_pool(feats[layer]) for layer in self.layers)
 
     def _fit(self, dataset, val_dataset=None) -> None:
-        if len(dataset) < 2:
-            raise DefectscopeError(f"{self.name}: a Gaussian needs at least 2 training images, got {len(dataset)}")
+        if len(dataset) < 3:  # with 2 the Ledoit-Wolf shrinkage is 0 and the covariance singular
+            raise DefectscopeError(f"{self.name}: a Ledoit-Wolf Gaussian needs at least 3 training images, "
+                                   f"got {len(dataset)}")
         self.to(auto_device(self.params["device"]))
-        pooled = dataset_features(self.pooled, dataset, self.device, int(self.params["batch_size"]),
+        pooled = dataset_features(self.pooled, dataset, self.device, self.params["batch_size"],
                                   desc="gaussian_ad features")
         for i, x in enumerate(pooled):
             mean, cov, s = ledoit_wolf(x.double())

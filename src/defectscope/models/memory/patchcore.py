@@ -33,10 +33,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine.train import auto_device, seed_everything
-from ..ops import NearestNeighbors, greedy_coreset
-from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
-from .base import Prediction, register
+from ...training import auto_device, seed_everything
+from ...ops import NearestNeighbors, greedy_coreset
+from .._pretrained import BackboneModel
+from ..base import Prediction, register
+from ..params import Param, Tags
 
 
 def adaptive_pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -71,8 +72,32 @@ class PatchCore(BackboneModel):
     name = "patchcore"
     paradigm = "memory"
     description = "PatchCore (CVPR 2022): coreset memory bank of patch features, k-NN distance"
-    defaults = {**BACKBONE_DEFAULTS, "coreset_ratio": 0.1, "num_neighbors": 9, "projection_dim": 128,
-                "embed_dim": None, "target_dim": None, "patch_size": 3, "batch_size": 16}
+    paper = "Roth et al., CVPR 2022"
+    notes = (
+        "paper defaults (two mid layers, 3x3 aggregation, adaptive-pool projection, greedy coreset 10 "
+        "% on a 128-d random projection, eq. 7 re-weighting with b = 9); backbone EfficientNet-Lite0 "
+        "instead of Wide-ResNet50-2 (no ImageNet download here), layers of the same strides; "
+        "embedding dim = deepest layer's channels (1024 for WRN50-2 as the paper, 112 for Lite0)"
+    )
+    hparams = (
+        Param("coreset_ratio", "float", 0.1, "share of the memory bank's patches the greedy coreset keeps "
+              "(1 = the whole bank, no subsampling)", gt=0, le=1),
+        Param("num_neighbors", "int", 9, "b: nearest bank patches of m* in the image-score re-weighting (eq. 7); "
+              "1 = no re-weighting", ge=1),
+        Param("projection_dim", "int", 128, "dimension of the random (Johnson-Lindenstrauss) projection the coreset "
+              "selection works in", ge=1),
+        Param("embed_dim", "int", None, "dimension each layer's pooled 3x3 neighbourhood is reduced to; "
+              "none = the deepest layer's channel count", optional=True, ge=1),
+        Param("target_dim", "int", None, "dimension of the final patch feature (the layers pooled together); "
+              "none = embed_dim", optional=True, ge=1),
+        Param("patch_size", "int", 3, "side of the neighbourhood aggregated around each patch (the paper's 3x3)", ge=1),
+        Param("batch_size", "int", 16, "images per batch of feature extraction", ge=1),
+    )
+    # export: the blocked k-NN loops over the number of patches, which bakes the batch size into the
+    # graph (verified with deploy.export.export_model on a smoke fit: exported for batch 1)
+    tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=False, pixel_level=True,
+                weights="backbone", export="batch-1", input="rgb")
+    smoke = {"image_size": 32, "batch_size": 8}
 
     def paper_layers(self, spec) -> tuple[str, ...]:
         return tuple(spec.paper_layers[1:3])  # the stride-8 and stride-16 layers (ResNet layer2/3)
@@ -80,9 +105,9 @@ class PatchCore(BackboneModel):
     def _build(self, pretrained: bool = True) -> None:
         backbone = self.build_backbone(pretrained)
         channels = [backbone.channels[l] for l in self.layers]
-        embed = int(self.params["embed_dim"] or channels[-1])
-        target = int(self.params["target_dim"] or embed)
-        p = int(self.params["patch_size"])
+        embed = self.params["embed_dim"] or channels[-1]
+        target = self.params["target_dim"] or embed
+        p = self.params["patch_size"]
         for i, w in enumerate(aggregation_weights(channels, embed, target, p)):
             self.register_buffer(f"agg{i}", w.float())
         self.register_buffer("memory_bank", torch.empty(0, target))
@@ -90,7 +115,7 @@ class PatchCore(BackboneModel):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features ``[B, D, h, w]`` on the grid of the first layer."""
         feats = self.backbone(images)
-        p = int(self.params["patch_size"])
+        p = self.params["patch_size"]
         out = None
         for i, layer in enumerate(self.layers):
             f = F.conv2d(feats[layer], getattr(self, f"agg{i}"), padding=p // 2)
@@ -101,9 +126,9 @@ class PatchCore(BackboneModel):
         return out
 
     def _fit(self, dataset, val_dataset=None) -> None:
-        seed_everything(int(self.params["seed"]))
+        seed_everything(self.params["seed"])
         self.to(auto_device(self.params["device"]))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=int(self.params["batch_size"]), num_workers=0)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.params["batch_size"], num_workers=0)
         from tqdm.auto import tqdm
 
         chunks = []
@@ -113,10 +138,10 @@ class PatchCore(BackboneModel):
                 chunks.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]))
         bank = torch.cat(chunks)
         del chunks
-        ratio = float(self.params["coreset_ratio"])
+        ratio = self.params["coreset_ratio"]
         if ratio < 1.0:
             idx = greedy_coreset(bank, ratio=ratio, projection_dim=self.params["projection_dim"],
-                                 seed=int(self.params["seed"]))
+                                 seed=self.params["seed"])
             bank = bank[idx]
         self.memory_bank = bank.contiguous()
 
@@ -141,7 +166,7 @@ class PatchCore(BackboneModel):
 
     def _reweight(self, m_test: torch.Tensor, star: torch.Tensor) -> torch.Tensor:
         """Eq. 7: ``1 - softmax(|m_test - N_b(m*)|)[m*]`` for each image ``[B]``."""
-        b = min(int(self.params["num_neighbors"]), self.memory_bank.shape[0])
+        b = min(self.params["num_neighbors"], self.memory_bank.shape[0])
         if b <= 1:
             return torch.ones(m_test.shape[0], device=m_test.device)
         _, support = self.index().query(self.memory_bank[star], k=b)  # N_b(m*)

@@ -1,7 +1,7 @@
 """EfficientAD: Batzner, Heckler & König, "EfficientAD: Accurate Visual Anomaly Detection at
 Millisecond-Level Latencies", WACV 2024.
 
-Networks (:mod:`defectscope.models._pdn`): a frozen patch description network (PDN) teacher T
+Networks (:mod:`defectscope.models.distillation._pdn`): a frozen patch description network (PDN) teacher T
 (size S or M, 384 output channels, 33x33 receptive field), a student S of the same architecture
 with 768 output channels and an autoencoder A with 384 output channels.
 
@@ -59,7 +59,7 @@ Deviations (stated here and in the README):
 * Held-out images: ``val_dataset`` when given, else ``val_fraction`` = 10 % of the training images
   (seeded), which are then not trained on (as the public re-implementation).
 * Training length rounds up to whole passes over the training images (the loop is the shared
-  :func:`~defectscope.engine.train.train_loop`); the lr drop happens at the pass holding step
+  :func:`~defectscope.training.train_loop`); the lr drop happens at the pass holding step
   ``0.95 * steps``.
 * ``width`` < 1 shrinks every hidden layer (tests only); 1.0 is the paper's network.
 """
@@ -77,12 +77,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.train import auto_device, load_images, seed_everything, train_loop
-from ..errors import DefectscopeError
-from ..ops.blur import gaussian_blur
-from ._distillation import to_inference_layout
+from ...backbones import BACKBONES
+from ...training import auto_device, load_images, seed_everything, train_loop
+from ...errors import DefectscopeError
+from ...ops.blur import gaussian_blur
+from ._common import to_inference_layout
 from ._pdn import PDN, AutoEncoder, _size, augment, generic_images, random_flip_rotate
-from .base import AnomalyModel, Prediction, register
+from ..base import AnomalyModel, Prediction, register
+from ..params import Param, Tags
 
 __all__ = ["EfficientAD", "teacher_cache_dir"]
 
@@ -127,22 +129,73 @@ class EfficientAD(AnomalyModel):
     name = "efficientad"
     paradigm = "distillation"
     description = "EfficientAD (WACV 2024): PDN teacher-student + autoencoder, quantile-normalised maps"
-    defaults = {
-        "size": "S", "out_channels": 384, "padding": False, "width": 1.0,
-        "steps": 70000, "lr": 1e-4, "weight_decay": 1e-5, "p_hard": 0.999, "q_a": 0.9, "q_b": 0.995,
-        "penalty": "generic", "val_fraction": 0.1,
-        "teacher": None, "teacher_backbone": "efficientnet_lite0", "teacher_weights": None,
-        "teacher_images": "generic", "teacher_steps": 60000, "teacher_batch_size": 16,
-        "image_size": 256, "channels": 3, "blur_sigma": 0.0, "seed": 0, "device": None,
-    }
+    # the paper does not blur its map; image_size must be at least 256 (checked by _build: the
+    # autoencoder halves the input 5 times, then applies an 8x8 convolution)
+    paper = "Batzner et al., WACV 2024"
+    notes = (
+        'sizes S and M (`size="S"` or `"M"`), paper defaults (PDN teacher 384 ch / 33x33 field, '
+        "768-ch student, hard-feature loss p_hard 0.999, penalty loss, autoencoder, Adam 1e-4 / wd "
+        "1e-5, 70 000 steps batch 1, lr x0.1 at 95 %, map quantiles 0.9/0.995 on held-out normal "
+        "*training* images, local+global average, no padding + 4-px map padding with the score of a "
+        "zero distance, as anomalib; the public re-implementation pads the normalised map with "
+        "zeros); teacher = PDN distilled from EfficientNet-Lite0 on generic procedural images instead "
+        "of WideResNet-101 on ImageNet, penalty images procedural instead of ImageNet (see "
+        "[EfficientAD offline](#efficientad-offline)); normalisations folded into the last "
+        "convolutions; needs image_size >= 256"
+    )
+    overrides = {"blur_sigma": 0.0}
+    hparams = (
+        Param("size", "str", "S", "PDN size: S (small) or M (medium)", choices=("S", "M", "s", "m")),
+        Param("out_channels", "int", 384, "output channels of the teacher and autoencoder (the student has twice "
+              "as many)", ge=1),
+        Param("padding", "bool", False, "zero padding in the PDN (the paper's table; output H/4) or none (anomalib's "
+              "and the re-implementation's default; output H/4 - 8)"),
+        Param("width", "float", 1.0, "scale of every hidden channel count (1 = the paper's networks; < 1 for tests)",
+              gt=0),
+        Param("steps", "int", 70000, "training steps at batch 1 (rounded up to whole passes over the images)", ge=1),
+        Param("lr", "float", 1e-4, "Adam learning rate of student and autoencoder (x 0.1 at 95 % of training)", gt=0),
+        Param("weight_decay", "float", 1e-5, "Adam weight decay", ge=0),
+        Param("p_hard", "float", 0.999, "quantile of the squared differences above which the hard-feature loss "
+              "counts them", ge=0, le=1),
+        Param("q_a", "float", 0.9, "lower quantile of the held-out maps, mapped to 0 by the map normalisation",
+              ge=0, le=1),
+        Param("q_b", "float", 0.995, "upper quantile of the held-out maps, mapped to 0.1 by the map normalisation",
+              ge=0, le=1),
+        Param("penalty", "str", "generic", "images of the penalty loss: procedural dead-leaves images (generic), "
+              "none, or a folder of real images (e.g. imagenette; searched recursively)",
+              choices=("generic", "none"), path=True),
+        Param("val_fraction", "float", 0.1, "share of the training images held out for the map quantiles when no "
+              "val_dataset is given (at least 1 image, never trained on)", gt=0, lt=1),
+        Param("teacher", "str", None, "PDN teacher file (safetensors, anomalib's tensor names; see "
+              "'defectscope distill-teacher'); none = distilled at fit time (cached)", optional=True, path=True),
+        Param("teacher_backbone", "str", "efficientnet_lite0", "pretrained backbone the fit-time teacher is "
+              "distilled from (see 'defectscope backbones')", choices=lambda: tuple(BACKBONES)),
+        Param("teacher_weights", "str", None, "weights file of teacher_backbone; none = found offline",
+              optional=True, path=True),
+        Param("teacher_images", "str", "generic", "images of the fit-time teacher distillation: procedural "
+              "dead-leaves images (generic, cached), the training images (train) or a folder of images (searched "
+              "recursively); a data-set spec is not accepted", choices=("generic", "train"), path=True),
+        Param("teacher_steps", "int", 60000, "steps of the fit-time teacher distillation", ge=1),
+        Param("teacher_batch_size", "int", 16, "batch size of the fit-time teacher distillation", ge=1),
+    )
+    # Not few-shot: with no val_dataset it needs at least 2 training images (some are held out to
+    # normalise the maps), so a 1-shot fit fails, and with k <= 8 it would train on k - 1 images and
+    # normalise its maps by the quantiles of a single held-out image.
+    tags = Tags(settings={"one-class", "multi-class", "blind"}, trains=True, pixel_level=True,
+                weights="backbone", export="dynamic", input="rgb")
+    # 256 px is the method's minimum input; one pass over the images (the fewest steps) for both the
+    # student and a teacher distilled in one batch from the training images (nothing is written to
+    # the teacher cache, and no generic images are drawn: they cost more than the fit itself)
+    smoke = {"image_size": 256, "width": 0.125, "out_channels": 16, "steps": 1, "teacher_steps": 1,
+             "teacher_batch_size": 8, "teacher_images": "train", "penalty": "none"}
 
     # -- networks -----------------------------------------------------------------------------
     def _build(self, pretrained: bool = True) -> None:
         p = self.params
-        if int(p["image_size"]) < 256:
+        if p["image_size"] < 256:
             raise DefectscopeError(f"efficientad: image_size must be at least 256 (the autoencoder's encoder "
                                    f"halves it 5 times, then applies an 8x8 convolution), got {p['image_size']}")
-        size, c, w, pad = _size(p["size"]), int(p["out_channels"]), float(p["width"]), bool(p["padding"])
+        size, c, w, pad = _size(p["size"]), p["out_channels"], p["width"], p["padding"]
         self.teacher = PDN(size, c, pad, w)
         self.student = PDN(size, 2 * c, pad, w)
         self.ae = AutoEncoder(c, pad, w)
@@ -164,7 +217,7 @@ class EfficientAD(AnomalyModel):
         t = self.params["teacher"]
         if t:
             return (Path(t).expanduser().is_file(), f"teacher file {t}")
-        from ..backbones import find_weights
+        from ...backbones import find_weights
 
         try:
             found = find_weights(self.params["teacher_backbone"], self.params["teacher_weights"])
@@ -184,13 +237,13 @@ class EfficientAD(AnomalyModel):
         if n < 2:
             raise DefectscopeError("efficientad: needs at least 2 training images (some are held out to "
                                    "normalise the maps), or a val_dataset of normal images")
-        n_val = held_out_count(n, float(self.params["val_fraction"]))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(self.params["seed"]) + 17))
+        n_val = held_out_count(n, self.params["val_fraction"])
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.params["seed"] + 17))
         val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
         return images[train_idx], images[val_idx], val_idx.tolist()
 
     def _teacher_key(self) -> str:
-        from ..distill import GENERIC_VERSION
+        from .teacher import GENERIC_VERSION
 
         p = self.params
         key = {k: p[k] for k in ("size", "out_channels", "width", "image_size", "teacher_backbone",
@@ -200,10 +253,10 @@ class EfficientAD(AnomalyModel):
         return f"pdn_{_size(p['size'])}_{p['teacher_backbone']}_{p['image_size']}px_{h}.safetensors"
 
     def _get_teacher(self, train_images: torch.Tensor) -> dict:
-        from ..distill import distill_teacher, load_teacher, save_teacher
+        from .teacher import distill_teacher, load_teacher, save_teacher
 
         p = self.params
-        kw = dict(size=p["size"], out_channels=int(p["out_channels"]), width=float(p["width"]))
+        kw = dict(size=p["size"], out_channels=p["out_channels"], width=p["width"])
         if p["teacher"]:
             pdn, info = load_teacher(p["teacher"], **kw)
             self.teacher.load_state_dict(pdn.state_dict())
@@ -215,9 +268,9 @@ class EfficientAD(AnomalyModel):
             self.teacher.load_state_dict(pdn.state_dict())
             return {"source": f"cache {cache}", **info}
         pdn, info = distill_teacher(train_images if src == "train" else src, backbone=p["teacher_backbone"],
-                                    weights=p["teacher_weights"], steps=int(p["teacher_steps"]),
-                                    batch_size=int(p["teacher_batch_size"]), image_size=self.image_size,
-                                    seed=int(p["seed"]), device=p["device"], **kw)
+                                    weights=p["teacher_weights"], steps=p["teacher_steps"],
+                                    batch_size=p["teacher_batch_size"], image_size=self.image_size,
+                                    seed=p["seed"], device=p["device"], **kw)
         if cache is not None:
             try:
                 save_teacher(pdn, cache, info)
@@ -228,15 +281,15 @@ class EfficientAD(AnomalyModel):
 
     def _penalty_bank(self, n_steps: int) -> torch.Tensor | None:
         """uint8 ``[N, 3, S, S]`` generic images for the penalty loss (``None``: no penalty)."""
-        src, s, seed = self.params["penalty"], self.image_size, int(self.params["seed"])
-        if src in (None, "none", False):
+        src, s, seed = self.params["penalty"], self.image_size, self.params["seed"]
+        if src == "none":
             return None
         if src == "generic":
             # one image per 8 steps (each seen in 8 flips/rotations), 8 to 256 images
             return generic_images(min(256, max(8, n_steps // 8)), s, seed=seed + 1, grayscale_p=0.3)
-        from ..distill import source_images
+        from .teacher import source_images
 
-        big = source_images(str(src), 2 * s, max_images=500, seed=seed)
+        big = source_images(src, 2 * s, max_images=500, seed=seed)
         lo = s // 2
         return big[:, :, lo:lo + s, lo:lo + s].contiguous()
 
@@ -256,14 +309,14 @@ class EfficientAD(AnomalyModel):
 
     def _fit(self, dataset, val_dataset=None) -> None:
         p = self.params
-        gen = seed_everything(int(p["seed"]))
+        gen = seed_everything(p["seed"])
         dev = auto_device(p["device"])
         train, val, val_idx = self._split(dataset, val_dataset)
         self.info["teacher"] = self._get_teacher(train)
         self.to(dev)
         self._teacher_stats(train, dev)
-        bank = self._penalty_bank(int(p["steps"]))
-        c, p_hard = int(p["out_channels"]), float(p["p_hard"])
+        bank = self._penalty_bank(p["steps"])
+        c, p_hard = p["out_channels"], p["p_hard"]
         mean, std = self.teacher_mean, self.teacher_std
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
@@ -284,9 +337,9 @@ class EfficientAD(AnomalyModel):
             return loss
 
         n = train.shape[0]
-        epochs = max(1, math.ceil(int(p["steps"]) / n))
+        epochs = max(1, math.ceil(p["steps"] / n))
         params = list(self.student.parameters()) + list(self.ae.parameters())
-        opt = torch.optim.Adam(params, lr=float(p["lr"]), weight_decay=float(p["weight_decay"]))
+        opt = torch.optim.Adam(params, lr=p["lr"], weight_decay=p["weight_decay"])
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * epochs)), gamma=0.1)
         hist = train_loop(self, loss_fn, train, epochs=epochs, optimizer=opt, batch_size=1, generator=gen,
                           scheduler=sched, desc=f"efficientad-{_size(p['size'])}", device=dev)
@@ -301,7 +354,7 @@ class EfficientAD(AnomalyModel):
         self.eval()
         x = images.to(self.device, torch.float32)
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        c = int(self.params["out_channels"])
+        c = self.params["out_channels"]
         t = (self.teacher(x) - self.teacher_mean) / self.teacher_std
         s = self.student(x)
         a = self.ae(x)
@@ -315,7 +368,7 @@ class EfficientAD(AnomalyModel):
             m_st, m_ae = self.raw_maps(val_images[i:i + 8])
             st.append(m_st.cpu())
             ae.append(m_ae.cpu())
-        qs = (float(self.params["q_a"]), float(self.params["q_b"]))
+        qs = (self.params["q_a"], self.params["q_b"])
         q = _quantiles(torch.cat(st), qs) + _quantiles(torch.cat(ae), qs)
         self.quantiles = torch.tensor(q, dtype=torch.float64, device=self.quantiles.device)
         self.__dict__["_fold"] = None
@@ -337,7 +390,7 @@ class EfficientAD(AnomalyModel):
         fold = self.__dict__.get("_fold")
         if fold is not None and fold[0] == self.device:
             return fold[1]
-        c = int(self.params["out_channels"])
+        c = self.params["out_channels"]
         qa_st, r_st, qa_ae, r_ae = self._ranges()
         k_st, k_ae = math.sqrt(0.05 / (c * r_st)), math.sqrt(0.05 / (c * r_ae))
         const = self.pad_value()
@@ -371,7 +424,7 @@ class EfficientAD(AnomalyModel):
         """The normalised combined map ``[B, h, w]`` from the folded networks (what predict uses)."""
         t, s, a, const = self._folded()
         x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-        c = int(self.params["out_channels"])
+        c = self.params["out_channels"]
         ys = s(x)
         return (t(x) - ys[:, :c]).pow(2).sum(1) + (a(x) - ys[:, c:]).pow(2).sum(1) + const
 
@@ -380,18 +433,21 @@ class EfficientAD(AnomalyModel):
         qa_st, r_st, qa_ae, r_ae = self._ranges()
         return -0.05 * (qa_st / r_st + qa_ae / r_ae)
 
-    def to_image_map(self, grid_map: torch.Tensor, size) -> torch.Tensor:
+    def to_image_map(self, grid_map: torch.Tensor, size, floor: float | None = None) -> torch.Tensor:
         """``[B, h, w]`` PDN-grid map -> ``[B, H, W]``: without PDN padding, pad by 4 with
-        :meth:`pad_value` (the border the PDN cannot see scores as "no difference"); bilinear resize."""
+        :meth:`pad_value` (the border the PDN cannot see scores as "no difference"); bilinear resize.
+        ``floor``: that value when already computed (a Python number: ``pad_value`` reads the
+        quantile buffer, which ``torch.export`` cannot turn into a constant while tracing)."""
         m = grid_map.float().unsqueeze(1)
         if not self.params["padding"]:
-            m = F.pad(m, (4, 4, 4, 4), value=self.pad_value())
+            m = F.pad(m, (4, 4, 4, 4), value=self.pad_value() if floor is None else floor)
         m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
-        sigma = float(self.params["blur_sigma"])
+        sigma = self.params["blur_sigma"]
         return gaussian_blur(m, sigma) if sigma > 0 else m
 
     def _predict(self, images: torch.Tensor) -> Prediction:
-        amap = self.to_image_map(self.folded_maps(images), images.shape[-2:])
+        # the pad value cached with the folded networks (= pad_value()): keeps _predict exportable
+        amap = self.to_image_map(self.folded_maps(images), images.shape[-2:], floor=self._folded()[3])
         return Prediction(score=amap.flatten(1).amax(1), anomaly_map=amap)
 
     # -- persistence --------------------------------------------------------------------------

@@ -42,13 +42,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backbones import create_backbone, get_spec
-from ..engine.train import auto_device
-from ..errors import DefectscopeError
-from ..ops import NearestNeighbors
+from ...backbones import create_backbone, get_spec
+from ...training import auto_device
+from ...errors import DefectscopeError
+from ...ops import NearestNeighbors
 from ._features import dataset_features, deepest_layer, global_pool
-from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
-from .base import Prediction, register
+from .._pretrained import BackboneModel
+from ..base import Prediction, register
+from ..params import Param, Tags
 
 
 @register
@@ -59,16 +60,33 @@ class Spade(BackboneModel):
     name = "spade"
     paradigm = "memory"
     description = "SPADE (2020): k-NN of global features (K=50), then pixel k-NN in those images' pyramids"
-    defaults = {**BACKBONE_DEFAULTS, "k": 50, "kappa": 1, "global_layer": None, "batch_size": 16}
+    paper = "Cohen & Hoshen, 2020"
+    notes = (
+        "paper defaults (global pooled features of the deepest layer, image k-NN K = 50, image score "
+        "= mean squared distance (eq. 1); pixel k-NN kappa = 1 (eq. 2) against the stride-4/8/16 "
+        "feature pyramids of those K images only; map upsampled + blur sigma 4); backbone "
+        "EfficientNet-Lite0 (`blocks.6` global, `blocks.1/2/4` pyramid) instead of Wide-ResNet50x2; "
+        "stores every training pyramid (about 2.9 MB per image at 256 px), as the method does"
+    )
+    hparams = (
+        Param("k", "int", 50, "K: nearest training images by global feature (image score, eq. 1; at most the "
+              "training images)", ge=1),
+        Param("kappa", "int", 1, "kappa: nearest gallery features per position among those K images (eq. 2)", ge=1),
+        Param("global_layer", "str", None, "backbone layer whose pooled features give the global feature; "
+              "none = the deepest layer", optional=True),
+        Param("batch_size", "int", 16, "images per batch of feature extraction", ge=1),
+    )
+    # export: the per-image search loops over the batch, which bakes the batch size into the graph
+    # (verified with deploy.export.export_model on a smoke fit: exported for batch 1)
+    tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=False, pixel_level=True,
+                weights="backbone", export="batch-1", input="rgb")
+    smoke = {"image_size": 32, "k": 3, "batch_size": 8}
 
     @property
     def global_layer(self) -> str:
         return self.params["global_layer"] or deepest_layer(get_spec(self.params["backbone"]))
 
     def _build(self, pretrained: bool = True) -> None:
-        for key in ("k", "kappa"):
-            if int(self.params[key]) < 1:
-                raise DefectscopeError(f"{self.name}: {key} must be at least 1, got {self.params[key]}")
         taps = tuple(dict.fromkeys(self.layers + (self.global_layer,)))
         self.backbone = create_backbone(self.params["backbone"], taps,
                                         weights=self.params["weights"] if pretrained else None,
@@ -92,7 +110,7 @@ class Spade(BackboneModel):
             return g, pyramid.flatten(2).transpose(1, 2)  # [B, h*w, D]
 
         self.image_features, self.gallery = dataset_features(both, dataset, self.device,
-                                                              int(self.params["batch_size"]), desc="spade features")
+                                                              self.params["batch_size"], desc="spade features")
 
     def index(self) -> NearestNeighbors:
         """The k-NN index of the training images' global features (built once per fit/load)."""
@@ -110,12 +128,12 @@ class Spade(BackboneModel):
         if p != h * w:
             raise DefectscopeError(f"{self.name}: the test grid {h}x{w} differs from the training grid "
                                    f"({p} positions); predict at the image size the model was fitted at")
-        k = min(int(self.params["k"]), n)
+        k = min(self.params["k"], n)
         dist, nearest = self.index().query(g, k=k)
         image_score = dist.square().mean(dim=1)
         queries = pyramid.flatten(2).transpose(1, 2)  # [B, h*w, D]
         patch = torch.empty(b, p, dtype=dist.dtype, device=dist.device)
-        kappa = min(int(self.params["kappa"]), k * p)
+        kappa = min(self.params["kappa"], k * p)
         for i in range(b):  # one exact search per test image, against the gathered K pyramids
             gallery = self.gallery.index_select(0, nearest[i]).reshape(k * p, d)
             dp, _ = NearestNeighbors(gallery).query(queries[i], k=kappa)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DatasetError, ImageReadError
+from .errors import DatasetError, ImageReadError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -57,7 +57,7 @@ IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".
 
 #: Largest image (width * height) that is read; larger files are refused as possible
 #: decompression bombs. Defaults to PIL's own default limit (about 89 megapixels). Raise it for
-#: trusted large images (``defectscope.data.io.MAX_IMAGE_PIXELS = 200_000_000``); beyond twice
+#: trusted large images (``defectscope.imageio.MAX_IMAGE_PIXELS = 200_000_000``); beyond twice
 #: ``PIL.Image.MAX_IMAGE_PIXELS`` PIL itself refuses the file, so raise that one too.
 MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 
@@ -149,7 +149,7 @@ def _open(path: PathLike, load: bool = True) -> Image.Image:
         raise _fail(
             path,
             f"image is too large ({exc}, a protection against decompression bombs)",
-            "downscale it, or raise defectscope.data.io.MAX_IMAGE_PIXELS if the file is trusted",
+            "downscale it, or raise defectscope.imageio.MAX_IMAGE_PIXELS if the file is trusted",
         ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         pil_limit = Image.MAX_IMAGE_PIXELS
@@ -157,7 +157,7 @@ def _open(path: PathLike, load: bool = True) -> Image.Image:
             path,
             f"image is too large (PIL refuses more than 2 x PIL.Image.MAX_IMAGE_PIXELS = "
             f"{2 * pil_limit if pil_limit else 0} pixels, a protection against decompression bombs)",
-            "downscale it, or raise defectscope.data.io.MAX_IMAGE_PIXELS and "
+            "downscale it, or raise defectscope.imageio.MAX_IMAGE_PIXELS and "
             "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted",
         ) from exc
     except UnidentifiedImageError as exc:

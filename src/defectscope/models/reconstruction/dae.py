@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DefectscopeError
-from ..ops.ssim import ssim, ssim_map
-from ._reconstruction import ReconstructionModel
-from .base import register
+from ...ops.ssim import ssim, ssim_map
+from ._common import ReconstructionModel
+from ..base import register
+from ..params import Param
 
 WIDTHS = (32, 64, 128, 256)
 
@@ -79,21 +79,26 @@ class DeepAE(ReconstructionModel):
 
     name = "dae"
     description = "Deep autoencoder (guide sec. 2.2): 4 double-conv blocks + FC-128, MSE + 0.1*(1-SSIM)"
-    defaults = {
-        "image_size": 128, "channels": 1, "latent": 128, "ssim_weight": 0.1, "map": "l2",
-        "epochs": 30, "batch_size": 32, "lr": 1e-3, "patience": None,
-        "blur_sigma": 4.0, "seed": 0, "device": None,
-    }
+    paper = "benchmark guide, sec. 2.2"
+    notes = (
+        "layer list as the guide (stride-2 first conv per block; 3x3 conv + Sigmoid output); "
+        '6,292,993 parameters, not "~200K-500K"'
+    )
+    overrides = {"epochs": 30}
+    hparams = (
+        Param("latent", "int", 128, "size of the FC bottleneck", ge=1),
+        Param("ssim_weight", "float", 0.1, "weight of the (1 - SSIM) term of the loss", ge=0),
+        Param("map", "str", "l2", "anomaly map: squared error (l2) or 1 - local SSIM (ssim)", choices=("l2", "ssim")),
+    )
+    smoke = {"image_size": 32, "epochs": 1, "batch_size": 4, "latent": 8}
 
     def _build(self, pretrained: bool = True) -> None:
         self._check_size(16)
-        if self.params["map"] not in ("l2", "ssim"):
-            raise DefectscopeError(f"dae: map must be 'l2' or 'ssim', got {self.params['map']!r}")
-        self.net = DeepAENet(self.channels, self.image_size, int(self.params["latent"]))
+        self.net = DeepAENet(self.channels, self.image_size, self.params["latent"])
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
         recon = self.net(images)
-        return F.mse_loss(recon, images) + float(self.params["ssim_weight"]) * (1 - ssim(recon, images))
+        return F.mse_loss(recon, images) + self.params["ssim_weight"] * (1 - ssim(recon, images))
 
     def error_map(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         if self.params["map"] == "ssim":

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._reconstruction import ReconstructionModel
-from .base import register
+from ._common import ReconstructionModel
+from ..base import register
+from ..params import Param
 
 
 class SparseAENet(nn.Module):
@@ -62,17 +63,22 @@ class SparseAE(ReconstructionModel):
 
     name = "sae"
     description = "Sparse autoencoder (guide sec. 2.1): 2 conv + FC-64 bottleneck, MSE + 0.001*L1(latent)"
-    defaults = {
-        "image_size": 128, "channels": 1, "latent": 64, "l1_weight": 1e-3,
-        "epochs": 50, "batch_size": 32, "lr": 1e-3, "patience": None,
-        "blur_sigma": 4.0, "seed": 0, "device": None,
-    }
+    paper = "benchmark guide, sec. 2.1"
+    notes = (
+        'layer list exactly as the guide; it has 8,521,153 parameters, not the guide\'s "~22K-50K" '
+        "(the four convolutions alone have 66,689)"
+    )
+    hparams = (
+        Param("latent", "int", 64, "size of the FC bottleneck (the sparse code)", ge=1),
+        Param("l1_weight", "float", 1e-3, "lambda of the L1 sparsity penalty on the latent code", ge=0),
+    )
+    smoke = {"image_size": 32, "epochs": 1, "batch_size": 4, "latent": 8}
 
     def _build(self, pretrained: bool = True) -> None:
         self._check_size(4)
-        self.net = SparseAENet(self.channels, self.image_size, int(self.params["latent"]))
+        self.net = SparseAENet(self.channels, self.image_size, self.params["latent"])
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
         z = self.net.encode(images)
         recon = self.net.decode(z)
-        return F.mse_loss(recon, images) + float(self.params["l1_weight"]) * z.abs().mean()
+        return F.mse_loss(recon, images) + self.params["l1_weight"] * z.abs().mean()

@@ -32,12 +32,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine.train import auto_device
-from ..errors import DefectscopeError
-from ..ops import PCAResult, fit_pca, pca_inverse_transform, pca_transform
+from ...training import auto_device
+from ...errors import DefectscopeError
+from ...ops import PCAResult, fit_pca, pca_inverse_transform, pca_transform
 from ._features import dataset_features
-from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
-from .base import Prediction, register
+from .._pretrained import BackboneModel
+from ..base import Prediction, register
+from ..params import Param, Tags
 
 SCORE_TYPES = ("fre", "nll")
 
@@ -50,16 +51,33 @@ class Dfm(BackboneModel):
     name = "dfm"
     paradigm = "memory"
     description = "DFM (2019): PCA (97 %) of pooled deep features, reconstruction error or Gaussian NLL"
-    defaults = {**BACKBONE_DEFAULTS, "pooling_kernel_size": 4, "pca_level": 0.97, "score_type": "fre",
-                "batch_size": 16}
+    paper = "Ahuja et al., 2019 (anomalib's DFM)"
+    notes = (
+        "anomalib's defaults (stride-16 layer, 4x4 average pooling, PCA keeping 97 % of the variance, "
+        "score `fre` = feature reconstruction error, `score_type=nll` = Gaussian NLL); coarse map = "
+        "per-position reconstruction error, upsampled and blurred sigma 4 (anomalib: not blurred, no "
+        "map for `nll`); k = the smallest count reaching 97 % (anomalib keeps one fewer); "
+        "EfficientNet-Lite0 `blocks.4` instead of ResNet50 `layer3`"
+    )
+    hparams = (
+        Param("pooling_kernel_size", "int", 4, "window (and stride) of the average pooling of the feature map "
+              "(1 = no pooling)", ge=1),
+        Param("pca_level", "float", 0.97, "share of the training variance the kept principal components explain",
+              gt=0, lt=1),
+        Param("score_type", "str", "fre", "image score: feature reconstruction error (fre) or Gaussian negative "
+              "log-likelihood of the projection (nll)", choices=SCORE_TYPES),
+        Param("batch_size", "int", 16, "images per batch of feature extraction", ge=1),
+    )
+    # few-shot from 2 images (the PCA needs 2; no 1-shot). export: verified with
+    # deploy.export.export_model on a smoke fit (dynamic batch)
+    tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=False, pixel_level=True,
+                weights="backbone", export="dynamic", input="rgb")
+    smoke = {"image_size": 64, "pooling_kernel_size": 2, "batch_size": 8}  # 4x4 stride-16 grid, 2x2 map
 
     def paper_layers(self, spec) -> tuple[str, ...]:
         return (spec.paper_layers[2],)  # the stride-16 layer (ResNet layer3)
 
     def _build(self, pretrained: bool = True) -> None:
-        if self.params["score_type"] not in SCORE_TYPES:
-            raise DefectscopeError(f"{self.name}: score_type must be one of {', '.join(SCORE_TYPES)}, "
-                                   f"got {self.params['score_type']!r}")
         if len(self.layers) != 1:
             raise DefectscopeError(f"{self.name}: one layer expected, got {list(self.layers)}")
         self.build_backbone(pretrained)
@@ -70,7 +88,7 @@ class Dfm(BackboneModel):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The pooled feature maps ``[B, C, h, w]``."""
         f = self.backbone(images)[self.layers[0]]
-        k = int(self.params["pooling_kernel_size"])
+        k = self.params["pooling_kernel_size"]
         if k > 1:
             if min(f.shape[-2:]) < k:
                 raise DefectscopeError(f"{self.name}: the {tuple(f.shape[-2:])} feature grid of {self.image_size} px "
@@ -87,9 +105,9 @@ class Dfm(BackboneModel):
             raise DefectscopeError(f"{self.name}: PCA needs at least 2 training images, got {len(dataset)}")
         self.to(auto_device(self.params["device"]))
         (x,) = dataset_features(lambda im: self.features(im).flatten(1), dataset, self.device,
-                                int(self.params["batch_size"]), desc="dfm features")
+                                self.params["batch_size"], desc="dfm features")
         try:
-            pca = fit_pca(x, float(self.params["pca_level"]))
+            pca = fit_pca(x, self.params["pca_level"])
         except ValueError as e:
             raise DefectscopeError(f"{self.name}: {e}") from None
         self.pca_mean, self.pca_components, self.pca_variances = pca.mean, pca.components, pca.variances

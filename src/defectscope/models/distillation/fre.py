@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine.train import auto_device, batches, load_images, seed_everything, train_loop
-from ..errors import DefectscopeError
-from ._distillation import InferenceCache
-from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
-from .base import Prediction, register
+from ...training import auto_device, batches, load_images, seed_everything, train_loop
+from ...errors import DefectscopeError
+from ._common import InferenceCache
+from .._pretrained import BackboneModel
+from ..base import Prediction, register
+from ..params import Param, Tags
 
 __all__ = ["Fre", "TiedAutoencoder"]
 
@@ -62,8 +63,25 @@ class Fre(BackboneModel):
     name = "fre"
     paradigm = "distillation"
     description = "FRE (BMVC 2023): feature reconstruction error of a linear autoencoder on one backbone layer"
-    defaults = {**BACKBONE_DEFAULTS, "pooling": 2, "latent_dim": 220, "epochs": 220, "batch_size": 32,
-                "lr": 1e-3}
+    paper = "Ndiour et al., BMVC 2023 (anomalib's FRE)"
+    notes = (
+        "anomalib's defaults (stride-16 layer, 2x2 average pooling, tied linear autoencoder with 220 "
+        "latent dims on the flattened pooled map, MSE, Adam lr 1e-3, batch 32, 220 epochs); score = "
+        "squared reconstruction error summed, map = per-position error, upsampled and blurred "
+        "(anomalib does not blur); backbone EfficientNet-Lite0 (`blocks.4`) instead of ResNet50 "
+        "`layer3`; features of the frozen backbone computed once, not every epoch"
+    )
+    hparams = (
+        Param("pooling", "int", 2, "kernel (and stride) of the average pooling of the layer's features "
+              "(1 = none; anomalib's pooling_kernel_size)", ge=1),
+        Param("latent_dim", "int", 220, "size d of the tied linear autoencoder's code (anomalib's latent_dim)", ge=1),
+        Param("epochs", "int", 220, "training epochs (anomalib's example configuration)", ge=1),
+        Param("batch_size", "int", 32, "batch size of the feature extraction and of the training", ge=1),
+        Param("lr", "float", 1e-3, "Adam learning rate of the autoencoder", gt=0),
+    )
+    tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=True, pixel_level=True,
+                weights="backbone", export="dynamic", input="rgb")
+    smoke = {"image_size": 64, "epochs": 1, "batch_size": 4, "latent_dim": 8}
 
     def paper_layers(self, spec) -> tuple[str, ...]:
         """One layer: the stride-16 one (ResNet ``layer3``)."""
@@ -83,20 +101,20 @@ class Fre(BackboneModel):
             raise DefectscopeError(f"{self.name}: uses exactly one backbone layer, got {self.layers}")
         self.build_backbone(pretrained)
         self._cache = InferenceCache()
-        self.autoencoder = TiedAutoencoder(self._dim(), int(self.params["latent_dim"]))
+        self.autoencoder = TiedAutoencoder(self._dim(), self.params["latent_dim"])
 
     def pooled_features(self, images: torch.Tensor, fast: bool = False) -> torch.Tensor:
         """``[B, C, h, w]``: the layer's features average-pooled with kernel (and stride) ``pooling``
         (``fast``: through the BatchNorm-folded copy of the backbone)."""
         backbone = self._cache.get("backbone", self.backbone) if fast else self.backbone
         f = backbone(images)[self.layers[0]]
-        k = int(self.params["pooling"])
+        k = self.params["pooling"]
         return F.avg_pool2d(f, k) if k > 1 else f
 
     def _fit(self, dataset, val_dataset=None) -> None:
         p = self.params
-        gen = seed_everything(int(p["seed"]))
-        self.autoencoder = TiedAutoencoder(self._dim(), int(p["latent_dim"]))  # initialised from the seed
+        gen = seed_everything(p["seed"])
+        self.autoencoder = TiedAutoencoder(self._dim(), p["latent_dim"])  # initialised from the seed
         self._cache.clear()
         device = auto_device(p["device"])
         self.to(device)
@@ -105,15 +123,15 @@ class Fre(BackboneModel):
             imgs = load_images(ds)
             with torch.no_grad():
                 return torch.cat([self.pooled_features(b.to(device), fast=True).flatten(1).cpu()
-                                  for b in tqdm(list(batches(imgs, int(p["batch_size"]), False)),
+                                  for b in tqdm(list(batches(imgs, p["batch_size"], False)),
                                                 desc="fre features", leave=False, disable=None)])
 
         x = features(dataset)
         val = features(val_dataset) if val_dataset is not None and len(val_dataset) else None
-        opt = torch.optim.Adam(self.autoencoder.parameters(), lr=float(p["lr"]))
+        opt = torch.optim.Adam(self.autoencoder.parameters(), lr=p["lr"])
         self.history = train_loop(
-            self.autoencoder, lambda b: F.mse_loss(self.autoencoder(b), b), x, epochs=int(p["epochs"]),
-            optimizer=opt, batch_size=int(p["batch_size"]), generator=gen, val_images=val,
+            self.autoencoder, lambda b: F.mse_loss(self.autoencoder(b), b), x, epochs=p["epochs"],
+            optimizer=opt, batch_size=p["batch_size"], generator=gen, val_images=val,
             desc=f"fit {self.name}", device=device,
         )
 

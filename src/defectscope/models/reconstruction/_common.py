@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..engine.train import auto_device, load_images, seed_everything, train_loop
-from ..errors import DefectscopeError
-from ..ops.blur import gaussian_blur
-from .base import AnomalyModel, Prediction
+from ...training import auto_device, load_images, seed_everything, train_loop
+from ...errors import DefectscopeError
+from ...ops.blur import gaussian_blur
+from ..base import AnomalyModel, Prediction
+from ..params import Param, Tags
 
 
 class ReconstructionModel(AnomalyModel):
@@ -22,6 +23,16 @@ class ReconstructionModel(AnomalyModel):
     """
 
     paradigm = "reconstruction"
+    # the guide trains its autoencoders on 128x128 grayscale images
+    overrides = {"image_size": 128, "channels": 1}
+    hparams = (
+        Param("epochs", "int", 50, "training epochs (the guide gives no schedule)", ge=1),
+        Param("batch_size", "int", 32, "training batch size", ge=1),
+        Param("lr", "float", 1e-3, "Adam learning rate", gt=0),
+        Param("patience", "int", None, "early stopping after this many epochs without a lower validation loss "
+              "(needs a validation set); none = no early stopping", optional=True, ge=1),
+    )
+    tags = Tags(trains=True, weights=None, input="gray")
     net: nn.Module
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -38,23 +49,23 @@ class ReconstructionModel(AnomalyModel):
 
     def _fit(self, dataset, val_dataset=None) -> None:
         p = self.params
-        gen = seed_everything(int(p["seed"]))
+        gen = seed_everything(p["seed"])
         self._build()  # rebuild after seeding: the initial weights depend only on the seed
-        device = auto_device(p.get("device"))
+        device = auto_device(p["device"])
         self.to(device)
         images = load_images(dataset)
         val = load_images(val_dataset) if val_dataset is not None and len(val_dataset) else None
-        opt = torch.optim.Adam(self.net.parameters(), lr=float(p["lr"]))
+        opt = torch.optim.Adam(self.net.parameters(), lr=p["lr"])
         self.history = train_loop(
-            self.net, self.loss, images, epochs=int(p["epochs"]), optimizer=opt,
-            batch_size=int(p["batch_size"]), generator=gen, val_images=val,
-            patience=p.get("patience"), desc=f"fit {self.name}", device=device,
+            self.net, self.loss, images, epochs=p["epochs"], optimizer=opt,
+            batch_size=p["batch_size"], generator=gen, val_images=val,
+            patience=p["patience"], desc=f"fit {self.name}", device=device,
         )
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         recon = self.net(images)
         amap = self.error_map(images, recon)
-        sigma = float(self.params["blur_sigma"])
+        sigma = self.params["blur_sigma"]
         if sigma > 0:
             amap = gaussian_blur(amap, sigma)
         return Prediction(score=amap.flatten(1).amax(dim=1), anomaly_map=amap)

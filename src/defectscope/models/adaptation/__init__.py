@@ -1,0 +1,1 @@
+"""Feature-adaptation methods (DFM's successors: CFA, ReConPatch, SuperSimpleNet): planned, none registered yet."""

@@ -1,0 +1,1 @@
+"""Normalizing-flow methods (CFLOW, FastFlow, CS-Flow, U-Flow): planned, none registered yet."""

@@ -1,0 +1,1 @@
+"""Foundation-model methods (WinCLIP, Dinomaly, UniNet, VLM-AD): planned, none registered yet."""
