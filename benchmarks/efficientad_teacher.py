@@ -96,7 +96,8 @@ def main() -> None:
     model = None
     for cat in cats:
         t0 = time.perf_counter()
-        own, oinfo = distill_teacher(spec, category=cat, **tkw)
+        own_images = load_images(load_dataset(spec, cat, "train", image_size=2 * args.teacher_image_size, channels=3))
+        own, oinfo = distill_teacher(own_images, **tkw)
         opath = save_teacher(own, work / f"{cat}.safetensors", oinfo)
         record[f"teacher_{cat}"] = {"loss_first": oinfo["loss"][0], "loss_last": oinfo["loss"][-1],
                                     "steps": oinfo["steps"], "s": time.perf_counter() - t0}

@@ -20,7 +20,7 @@ from PIL import Image
 
 from defectscope.cli import main
 from defectscope.data import FolderDataset, MVTecDataset, load_dataset, read_image, read_mask
-from defectscope.data import io as dio
+from defectscope import imageio as dio
 from defectscope.imageio import list_images, read_image_size
 from defectscope.errors import DatasetError, ImageReadError, ModelFileError
 from defectscope.models import load_model

@@ -24,7 +24,7 @@ from defectscope.data import (
     resize_mask,
     to_channels,
 )
-from defectscope.data import io as dio
+from defectscope import imageio as dio
 from defectscope.data import synthetic as syn
 from defectscope.imageio import IMAGE_EXTENSIONS, list_images
 from defectscope.errors import DatasetError, DefectscopeError, ImageReadError

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsNotFoundError
+from ._frozen import Frozen as _Frozen
 from .registry import (
     BACKBONES,
     DEFAULT_BACKBONE,
@@ -98,27 +99,6 @@ def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     return (images.to(mean.dtype) - mean) / std
-
-
-class _Frozen(nn.Module):
-    """Shared by the extractor and the classifier: preprocessing buffers and freezing."""
-
-    def __init__(self, spec: BackboneSpec, network: nn.Module, weights_source: WeightsSource,
-                 trainable: bool) -> None:
-        super().__init__()
-        self.name = spec.name
-        self.weights_source = weights_source
-        self.trainable = trainable
-        self.network = network
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
-        for parameter in self.network.parameters():
-            parameter.requires_grad_(trainable)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> _Frozen:
-        """A frozen network stays in eval mode (its BatchNorm statistics never move)."""
-        return super().train(mode and self.trainable)
 
 
 class FeatureExtractor(_Frozen):

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from ..errors import WeightsNotFoundError
+from ._frozen import Frozen
 from .vit import VIT_BACKBONES, ViTSpec, VisionTransformer, build, get_vit_spec
 from .vit_weights import (
     find_vit_weights,
@@ -59,7 +59,7 @@ def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, patc
     return (images.to(mean.dtype) - mean) / std
 
 
-class ViTExtractor(nn.Module):
+class ViTExtractor(Frozen):
     """``forward(images) -> {block: patch tokens [B, D, H/p, W/p]}``, in the order requested.
 
     ``images``: float RGB in [0, 1], ``[B, 3, H, W]`` (``[B, 1, H, W]`` is repeated to 3 channels),
@@ -78,10 +78,8 @@ class ViTExtractor(nn.Module):
     def __init__(self, spec: ViTSpec, network: VisionTransformer, blocks: Sequence[str],
                  weights_source: WeightsSource, *, norm: bool = False, trainable: bool = False,
                  weights_format: str | None = None) -> None:
-        super().__init__()
-        self.name = spec.name
+        super().__init__(spec, network, weights_source, trainable)
         self.spec = spec
-        self.network = network
         self.blocks = tuple(blocks)
         self.layers = self.blocks
         self._indices = {block: spec.block_index(block) for block in self.blocks}
@@ -91,18 +89,7 @@ class ViTExtractor(nn.Module):
         self.strides = {block: spec.patch_size for block in self.blocks}
         self.channels = {block: spec.embed_dim for block in self.blocks}
         self.norm = norm
-        self.weights_source = weights_source
         self.weights_format = weights_format
-        self.trainable = trainable
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
-        for parameter in self.network.parameters():
-            parameter.requires_grad_(trainable)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> ViTExtractor:
-        """A frozen extractor stays in eval mode."""
-        return super().train(mode and self.trainable)
 
     def forward_tokens(self, images: torch.Tensor) -> ViTFeatures:
         """Patch-token maps ``[B, D, H/p, W/p]`` and class tokens ``[B, D]`` of the requested blocks."""

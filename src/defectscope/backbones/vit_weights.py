@@ -65,7 +65,7 @@ from torch import nn
 from ..errors import WeightsNotFoundError
 from .vit import HubFile, ViTSpec, get_vit_spec
 from .weights import (
-    _WRAPPER_KEYS,
+    unwrap_state_dict,
     ENV_ALLOW_DOWNLOAD,
     WeightsFileError,
     WeightsSource,
@@ -267,16 +267,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
             f"weights file {path} is a pickle that torch.load(weights_only=True) refuses ({reason[:200]}); "
             f"defectscope never unpickles arbitrary objects: {_convert_hint(path)}"
         ) from exc
-    for key in _WRAPPER_KEYS:
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsFileError(f"weights file {path} does not hold a state dict of tensors; {_convert_hint(path)}")
-    state = dict(obj)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+    return unwrap_state_dict(obj, path, _convert_hint(path))
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:

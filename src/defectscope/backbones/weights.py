@@ -206,12 +206,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsFileError(f"cannot read weights file {path} as a plain tensor checkpoint: {reason}") from exc
+    return unwrap_state_dict(obj, path)
+
+
+def unwrap_state_dict(obj, path: Path, hint: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint: ``{"state_dict" | "model" | "model_state_dict": ...}``
+    unwrapped, a ``module.`` prefix (DataParallel) dropped; anything else is refused (``hint``: what
+    to do, appended to the error)."""
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsFileError(f"weights file {path} does not hold a state dict of tensors")
+        raise WeightsFileError(f"weights file {path} does not hold a state dict of tensors" + (f"; {hint}" if hint else ""))
     state = dict(obj)
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}

@@ -39,6 +39,7 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import DefectscopeError
+from ..training import seed_everything
 from .calibration import Calibration
 from .params import Param, Tags, check_params, collect
 
@@ -223,6 +224,7 @@ class AnomalyModel(nn.Module):
                 raise DefectscopeError(f"{self.name}: the training set is empty (this method is not zero-shot: "
                                        "it needs normal training images)")
             dataset = None
+        seed_everything(self.params["seed"])  # what _build draws (initial weights) depends on the seed only
         self._build()
         self._fit(dataset, val_dataset)
         self.fitted = True

@@ -245,8 +245,10 @@ class Tags:
         settings: the learning settings it supports (subset of :data:`SETTINGS`).
         trains: whether ``fit`` runs an optimiser (False: statistics / memory bank only).
         pixel_level: whether it makes anomaly maps (False: image scores only).
-        weights: the pretrained weights it needs: ``"backbone"`` (the ImageNet weights of its
-            ``backbone`` parameter), another short name, or ``None``.
+        weights: the pretrained weights it needs: ``"backbone"`` (ImageNet weights of a backbone of
+            :mod:`defectscope.backbones`: its ``backbone`` parameter's, or for EfficientAD its
+            ``teacher_backbone``'s unless a teacher file is given), another short name (e.g. a
+            future ``"clip"``), or ``None``.
         export: ``"dynamic"`` (exports with a dynamic batch dimension), ``"batch-1"`` (exports, fed
             one image at a time) or ``None`` (not exportable).
         input: ``"rgb"`` or ``"gray"``: the input its paper uses (its ``channels`` default).

@@ -1,0 +1,30 @@
+"""The frozen wrapper every pretrained backbone shares (a leaf of this package)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .weights import WeightsSource
+
+
+class Frozen(nn.Module):
+    """Shared by every pretrained network wrapper (the CNN extractor and classifier, the ViT extractor):
+    the normalisation buffers of ``spec`` (``mean``/``std``) and freezing."""
+
+    def __init__(self, spec, network: nn.Module, weights_source: WeightsSource,
+                 trainable: bool) -> None:
+        super().__init__()
+        self.name = spec.name
+        self.weights_source = weights_source
+        self.trainable = trainable
+        self.network = network
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        for parameter in self.network.parameters():
+            parameter.requires_grad_(trainable)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "Frozen":
+        """A frozen network stays in eval mode (its BatchNorm statistics never move)."""
+        return super().train(mode and self.trainable)
