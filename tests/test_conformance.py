@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from defectscope.errors import DefectscopeError, ModelFileError
-from defectscope.models import FitContext, get_model_class, list_models, load_model
+from defectscope.models import FAMILIES, FitContext, get_model_class, list_models, load_model
 from defectscope.models.params import SETTINGS, ParamError, Tags
 
 NAMES = [cls.name for cls in list_models()]
@@ -80,7 +80,7 @@ def fitted():
 def test_declarations_and_tags(name):
     cls = get_model_class(name)
     assert isinstance(cls.tags, Tags) and cls.tags.settings <= set(SETTINGS) and cls.tags.settings
-    assert cls.paradigm in ("memory", "flow", "distillation", "reconstruction", "adaptation", "foundation")
+    assert cls.paradigm in FAMILIES
     assert cls.__module__.startswith(f"defectscope.models.{cls.paradigm}."), "one module per method, in its family"
     assert cls.description and cls.smoke, "a one-line description and a smoke budget"
     for p in cls.param_specs.values():

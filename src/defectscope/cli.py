@@ -64,6 +64,7 @@ def cmd_fit(args) -> int:
     from .data.validation import validation_split
 
     model = create_model(args.model, **params)
+    model.check_weights()  # a missing weights file is said before the data is read or generated
     anomalies = _val_anomalies(args, model)  # checks the calibration options before any work
     data = load_dataset(args.data, args.category, "train", image_size=model.image_size, channels=model.channels)
     train, val = validation_split(data, args.val_fraction, seed=int(model.params.get("seed") or 0))

@@ -134,6 +134,7 @@ def run_experiments(model_name: str, params: dict | None = None, data: str = "sy
     params = dict(params or {})
     params.setdefault("seed", seed)
     model = create_model(model_name, **params)
+    model.check_weights()
     needed = setting_tag(setting)
     if needed not in model.tags.settings:
         raise DefectscopeError(f"{model.name} does not support the {setting} setting (its settings: "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backbones import BACKBONES, DEFAULT_BACKBONE, create_backbone, find_weights, get_spec
+from ..backbones import BACKBONES, DEFAULT_BACKBONE, create_backbone, find_weights, get_spec, resolve_weights
 from ..errors import DefectscopeError
 from ..ops.blur import gaussian_blur
 from .base import AnomalyModel
@@ -58,6 +58,11 @@ class BackboneModel(AnomalyModel):
         if found:
             return True, f"{name} weights found"
         return False, f"{name} ImageNet weights missing (see 'defectscope backbones')"
+
+    def check_weights(self) -> None:
+        if self.params["weights"] is not None or not self.params["backbone"]:
+            return  # an explicit file is checked when it is read
+        resolve_weights(self.params["backbone"], None)
 
     def postprocess(self, patch_scores: torch.Tensor) -> torch.Tensor:
         """``[B, h, w]`` patch scores -> ``[B, H, W]`` map: bilinear upsampling, blur sigma 4."""

@@ -195,6 +195,11 @@ class AnomalyModel(nn.Module):
         """Whether the pretrained weights this method needs can be found offline, and a note."""
         return True, "no pretrained weights needed"
 
+    def check_weights(self) -> None:
+        """Raise the one-line error that names the weights file expected and where to put it, when
+        the pretrained weights this method needs are absent; called before any work (loading data,
+        fitting) by the CLI and the benchmark. Default: nothing needed."""
+
     # -- the contract ---------------------------------------------------------------------------
     @property
     def image_size(self) -> int:
