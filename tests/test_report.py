@@ -178,3 +178,25 @@ def test_report_renders_in_headless_chromium(bench_dir, tmp_path):
     with Image.open(shot) as im:
         assert im.size[0] == 1400 and im.size[1] > 1500
         assert len(np.unique(np.asarray(im.convert("L").resize((64, 64))))) > 10  # not a blank page
+
+
+def test_speed_accuracy_labels_do_not_overlap_and_auroc_stops_at_one():
+    """Points close together (padim under patchcore in the README's run) get labels that do not
+    hide each other; the AUROC axis ends at 1.0."""
+    from defectscope.report.plots import speed_accuracy_figure
+
+    rows = [{"model": "patchcore", "latency_ms": 153.5, "image_auroc": 0.902, "peak_rss_mb": 871},
+            {"model": "padim", "latency_ms": 91.4, "image_auroc": 0.924, "peak_rss_mb": 1115},
+            {"model": "padim_twin", "latency_ms": 95.0, "image_auroc": 0.921, "peak_rss_mb": 1100},
+            {"model": "sae", "latency_ms": 11.2, "image_auroc": 0.693, "peak_rss_mb": 755},
+            {"model": "perfect", "latency_ms": 30.0, "image_auroc": 1.0, "peak_rss_mb": 500}]
+    fig, ax, labels = speed_accuracy_figure(rows)
+    renderer = fig.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+    assert ax.get_ylim()[1] == 1.0
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -203,11 +203,11 @@ class AnomalyModel(nn.Module):
     # -- the contract ---------------------------------------------------------------------------
     @property
     def image_size(self) -> int:
-        return int(self.params["image_size"])
+        return self.params["image_size"]
 
     @property
     def channels(self) -> int:
-        return int(self.params["channels"])
+        return self.params["channels"]
 
     @property
     def device(self) -> torch.device:

@@ -231,7 +231,7 @@ def _to_tuple(v: Any, item: Callable[[Any], Any]) -> tuple:
         if text.startswith("["):
             v = json.loads(text)
         else:
-            v = [t.strip() for t in text.split(",") if t.strip()] if "," in text or item is not _to_str else [text]
+            v = [t.strip() for t in text.split(",") if t.strip()]
     if not isinstance(v, (list, tuple)):
         raise TypeError("expected a list")
     return tuple(item(x) for x in v)

@@ -54,6 +54,14 @@ def speed_accuracy_map(rows: Sequence[dict], path, title: str = "Accuracy vs spe
     """Scatter of ``rows`` (one per model: ``model``, ``latency_ms``, ``image_auroc``,
     ``peak_rss_mb``) to ``path``; rows without latency or AUROC are left out (the caller lists
     them). Returns the path, or None when no row can be drawn."""
+    drawn = speed_accuracy_figure(rows, title)
+    return None if drawn is None else _save(drawn[0], path)
+
+
+def speed_accuracy_figure(rows: Sequence[dict], title: str = "Accuracy vs speed"):
+    """``(figure, axes, labels)`` of :func:`speed_accuracy_map` (``None`` when no row can be drawn):
+    latency on a log axis, image AUROC on an axis that stops at 1.0, marker area = peak memory, and
+    one label per model placed where it overlaps no other label (:func:`place_labels`)."""
     pts = [r for r in rows if _finite(r.get("latency_ms")) and r["latency_ms"] > 0 and _finite(r.get("image_auroc"))]
     if not pts:
         return None
@@ -63,12 +71,15 @@ def speed_accuracy_map(rows: Sequence[dict], path, title: str = "Accuracy vs spe
     top = max([m for m in rss if m] or [1.0])
     area = lambda mb: max(12.0, 1600 * mb / top)  # noqa: E731 - marker area proportional to memory
     colors = plt.get_cmap("tab10")
+    labels = []
     for i, (r, mb) in enumerate(zip(pts, rss)):
         ax.scatter(r["latency_ms"], r["image_auroc"], s=area(mb) if mb else 60, color=colors(i % 10), alpha=0.55,
-                   edgecolors="black", linewidths=0.8, zorder=3, marker="o" if mb else "s")
+                   edgecolors="black", linewidths=0.8, zorder=3, marker="o" if mb else "s", clip_on=False)
         label = f"{r['model']}\n{r['image_auroc']:.3f} @ {r['latency_ms']:.3g} ms"
-        ax.annotate(label, (r["latency_ms"], r["image_auroc"]), xytext=(10, 10), textcoords="offset points",
-                    fontsize=10, zorder=4, bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.7))
+        labels.append(ax.annotate(label, (r["latency_ms"], r["image_auroc"]), xytext=(10, 10),
+                                  textcoords="offset points", fontsize=10, zorder=4, color=colors(i % 10),
+                                  bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.8),
+                                  arrowprops=dict(arrowstyle="-", color="grey", lw=0.6)))
     ax.set_xscale("log")
     from matplotlib.ticker import FuncFormatter, LogLocator
 
@@ -79,20 +90,56 @@ def speed_accuracy_map(rows: Sequence[dict], path, title: str = "Accuracy vs spe
     lat = [r["latency_ms"] for r in pts]
     ax.set_xlim(min(lat) / 2.5, max(lat) * 3.0)
     auc = [r["image_auroc"] for r in pts]
-    ax.set_ylim(max(0.0, min(auc) - 0.08), min(1.0, max(auc)) + 0.06)
+    ax.set_ylim(max(0.0, min(auc) - 0.1), 1.0)  # AUROC stops at 1: the axis does too
     ax.set_xlabel("batch-1 latency, ms (log scale)  \u2190 faster")
     ax.set_ylabel("image AUROC (mean over categories)  \u2191 better")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     refs = sorted({_nice(top * f) for f in (0.25, 0.5, 1.0)})
     handles = [ax.scatter([], [], s=area(m), color="grey", alpha=0.4, edgecolors="black") for m in refs]
-    labels = [f"{m:g} MB" for m in refs]
+    legend_labels = [f"{m:g} MB" for m in refs]
     if any(m is None for m in rss):
         handles.append(ax.scatter([], [], s=60, color="grey", alpha=0.4, edgecolors="black", marker="s"))
-        labels.append("not recorded")
-    ax.legend(handles, labels, title="peak RSS\n(marker area)", loc="upper left",
+        legend_labels.append("not recorded")
+    ax.legend(handles, legend_labels, title="peak RSS\n(marker area)", loc="upper left",
               bbox_to_anchor=(1.02, 1.0), labelspacing=2.2, borderpad=1.2, frameon=False, scatterpoints=1)
-    return _save(fig, path)
+    place_labels(fig, ax, labels)
+    return fig, ax, labels
+
+
+#: Offsets (points) tried for a label, nearest first: right, above, left, below, then further out.
+_OFFSETS = [(dx * r, dy * r) for r in (10, 28, 48, 70) for dx, dy in
+            ((1, 1), (1, -1.6), (-1, 1), (-1, -1.6), (1, 0), (-1, 0), (0, 1.6), (0, -2.4))]
+
+
+def place_labels(fig, ax, labels) -> None:
+    """Move each annotation in ``labels`` (in order) to the first offset of :data:`_OFFSETS` where
+    its box overlaps no label already placed and stays inside the axes; when none is free, to the
+    offset of least overlap. A greedy repel: a handful of labels, no extra dependency."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed = []
+
+    def overlap(a, b) -> float:
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return w * h if w > 0 and h > 0 else 0.0
+
+    for label in labels:
+        best, best_cost = None, None
+        for off in _OFFSETS:
+            label.set_position(off)
+            box = label.get_window_extent(renderer)
+            outside = (max(0, frame.x0 - box.x0) + max(0, box.x1 - frame.x1) + max(0, frame.y0 - box.y0)
+                       + max(0, box.y1 - frame.y1)) * box.height
+            cost = sum(overlap(box, other) for other in placed) + outside
+            if best_cost is None or cost < best_cost:
+                best, best_cost = off, cost
+            if cost == 0:
+                break
+        label.set_position(best)
+        placed.append(label.get_window_extent(renderer))
 
 
 def roc_figure(model: str, curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]], path) -> Path | None:
