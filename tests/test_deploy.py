@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -292,15 +293,15 @@ def test_predict_folder_with_corrupt_files_rows_pictures_and_exit_code(capsys, m
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.txt").write_text("ignored: not an image extension")
     out = tmp_path / "pred"
-    code, stdout, err = run(capsys, "predict", model_dir, folder, tmp_path / "missing.png", "--out", out,
+    code, stdout, err = run(capsys, "predict", model_dir, folder, "--out", out,
                             "--heatmaps", "--overlays", "--masks", "--batch-size", "2")
     rows = list(csv.DictReader(open(out / "scores.csv", encoding="utf-8")))
     names = [r["path"].rsplit("/", 1)[-1] for r in rows]
     assert names == ["corrupt.png", "empty.jpg"] + [f"good_00{i}.png" for i in range(3)] + \
-        ["scratch_000.png", "scratch_001.png", "missing.png"]
+        ["scratch_000.png", "scratch_001.png"]
     bad = {r["path"].rsplit("/", 1)[-1]: r for r in rows if r["verdict"] == "error"}
-    assert set(bad) == {"corrupt.png", "empty.jpg", "missing.png"} and all(r["error"] and not r["score"] for r in bad.values())
-    assert "0 bytes" in bad["empty.jpg"]["error"] and "Traceback" not in err and err.count("skipped:") == 3
+    assert set(bad) == {"corrupt.png", "empty.jpg"} and all(r["error"] and not r["score"] for r in bad.values())
+    assert "0 bytes" in bad["empty.jpg"]["error"] and "Traceback" not in err and err.count("skipped:") == 2
     ok = [r for r in rows if r["verdict"] != "error"]
     cal = load_model(model_dir).calibration
     for r in ok:
@@ -411,3 +412,97 @@ def test_predict_bad_batch_size_is_one_line(capsys, model_dir, synth_root, tmp_p
     code, _, err = run(capsys, "predict", model_dir, _images(synth_root, "good", 1)[0], "--out", tmp_path,
                        "--batch-size", "0")
     assert code == 2 and "batch size must be >= 1" in err and "Traceback" not in err
+
+
+# -- issue 14: uncalibrated models said out loud, missing paths, annotated overlays ---------------------
+@pytest.fixture(scope="module")
+def uncalibrated_dir(model_dir, tmp_path_factory):
+    model = load_model(model_dir)
+    model.calibration = None
+    path = tmp_path_factory.mktemp("deploy") / "padim_uncalibrated"
+    model.save(path)
+    return path
+
+
+def test_inferencer_warns_once_per_model_when_uncalibrated(uncalibrated_dir, model_dir, synth_root):
+    from defectscope.deploy import UncalibratedWarning
+
+    img = _images(synth_root, "good", 1)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inf = Inferencer(uncalibrated_dir)
+        rs = [inf.predict(img), inf.predict([img, img])[0]]
+        predict_paths(inf, [img], uncalibrated_dir.parent / "pred_py")  # the same model: no second warning
+    mine = [w for w in caught if issubclass(w.category, UncalibratedWarning)]
+    assert len(mine) == 1 and issubclass(UncalibratedWarning, UserWarning)
+    text = str(mine[0].message)
+    assert "no calibrated thresholds" in text and f"defectscope calibrate {uncalibrated_dir} --normal DIR" in text
+    assert "defectscope fit" in text and "--val-fraction 0.2" in text
+    assert all(r.defect is None and r.normalized is None and r.mask is None and r.score == r.score for r in rs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Inferencer(model_dir, warmup=False)  # calibrated: silent
+    assert not [w for w in caught if issubclass(w.category, UncalibratedWarning)]
+
+
+def test_predict_uncalibrated_gives_raw_scores_one_warning_line_and_exit_2(capsys, uncalibrated_dir, synth_root,
+                                                                          tmp_path):
+    good = _images(synth_root, "good", 2)
+    code, out, err = run(capsys, "predict", uncalibrated_dir, *good, "--out", tmp_path / "p", "--overlays")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("defectscope: warning:")
+    assert "defectscope calibrate" in lines[0] and "no verdict" in out
+    rows = list(csv.DictReader(open(tmp_path / "p" / "scores.csv", encoding="utf-8")))
+    assert len(rows) == 2 and all(float(r["score"]) == float(r["score"]) and r["normalized"] == ""
+                                  and r["verdict"] == "" for r in rows)
+    assert len(list((tmp_path / "p" / "overlays").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("kind", ["missing_folder", "missing_file", "empty_folder"])
+def test_predict_refuses_missing_paths_and_empty_folders_before_writing(capsys, model_dir, synth_root, tmp_path,
+                                                                         kind):
+    good = _images(synth_root, "good", 1)[0]
+    bad = {"missing_folder": tmp_path / "nosuch", "missing_file": tmp_path / "nosuch.png",
+           "empty_folder": tmp_path / "empty"}[kind]
+    if kind == "empty_folder":
+        bad.mkdir()
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "predict", model_dir, good, bad, "--out", out)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("defectscope: error:") and str(bad) in lines[0]
+    if kind == "empty_folder":
+        assert "no image found in folder" in lines[0]
+    else:
+        assert f"no such file or folder: {bad}" in lines[0] and "cannot read image" not in err
+    assert not out.exists()
+
+
+def test_overlays_are_at_the_input_size_with_text_and_colour_bar(capsys, model_dir, synth_root, tmp_path):
+    from matplotlib import colormaps
+
+    from defectscope.report.visual import colorbar_box, overlay
+
+    src = np.asarray(Image.open(_images(synth_root, "scratch", 1)[0]).convert("RGB"))
+    big = Image.fromarray(src).resize((200, 150), Image.BILINEAR)  # not the model's 64 x 64, not square
+    folder = tmp_path / "in"
+    folder.mkdir()
+    big.save(folder / "part.png")
+    code, _, err = run(capsys, "predict", model_dir, folder, "--out", tmp_path / "o", "--overlays")
+    assert code in (0, 1), err
+    pic = np.asarray(Image.open(tmp_path / "o" / "overlays" / "000001_part.png"))
+    assert pic.shape == (150, 200, 3)
+    x0, y0, x1, y1 = colorbar_box(150, 200)
+    lut = (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.int16)
+    band = pic[y0:y1, (x0 + x1) // 2].astype(np.int16)
+    dist = np.abs(band[:, None, :] - lut[None]).max(-1).min(-1)  # to the nearest colormap colour
+    assert (dist <= 2).mean() > 0.95  # the bar: pure colormap colours (a tick line aside)
+    assert np.abs(band[0] - lut[-1]).max() <= 2 and np.abs(band[-1] - lut[0]).max() <= 2  # the maximum on top
+    r = Inferencer(model_dir, warmup=False).predict(folder / "part.png", keep_inputs="original")
+    from defectscope.report.visual import resize_map
+
+    plain = overlay(r.original, resize_map(r.normalized_map, (150, 200)), vmin=0.0, vmax=1.0)
+    assert plain.shape == pic.shape
+    assert np.abs(pic[y0:y1, x0:x1].astype(int) - plain[y0:y1, x0:x1]).max() > 20  # the bar is drawn in
+    text_band = slice(0, y0), slice(0, 60)
+    assert (pic[text_band] != plain[text_band]).any()  # the verdict and score are written
+    assert np.array_equal(pic[y1 - 20:y1, 40:100], plain[y1 - 20:y1, 40:100])  # elsewhere: the plain overlay

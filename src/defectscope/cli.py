@@ -123,14 +123,30 @@ def cmd_test(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    import warnings
+
+    from .deploy.inferencer import UncalibratedWarning
     from .deploy.predict import predict_paths
 
-    s = predict_paths(args.model_dir, args.paths, out_dir=args.out, heatmap=args.heatmaps, overlay=args.overlays,
-                      mask=args.masks, batch_size=args.batch_size, device=args.device)
-    print(f"scored {s['scored']} image(s): {s['defects']} defect(s); skipped {s['skipped']} unreadable -> {s['csv']}")
+    shown = warnings.showwarning
+
+    def one_line(message, category, *rest, **kw):
+        if issubclass(category, UncalibratedWarning):
+            print(f"defectscope: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *rest, **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UncalibratedWarning)
+        warnings.showwarning = one_line
+        s = predict_paths(args.model_dir, args.paths, out_dir=args.out, heatmap=args.heatmaps,
+                          overlay=args.overlays, mask=args.masks, batch_size=args.batch_size, device=args.device,
+                          overlay_size=args.overlay_size)
+    verdict = f"{s['defects']} defect(s)" if s["calibrated"] else "no verdict (model not calibrated)"
+    print(f"scored {s['scored']} image(s): {verdict}; skipped {s['skipped']} unreadable -> {s['csv']}")
     if s["defects"]:
         return EXIT_DEFECT
-    return EXIT_ERROR if s["skipped"] else 0
+    return EXIT_ERROR if s["skipped"] or not s["calibrated"] else 0
 
 
 def cmd_bench(args) -> int:
@@ -287,13 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("predict", help="score image files or folders; writes scores.csv (and pictures on request)",
                        description="Exit code: 0 no defect found, 1 at least one defect found, 2 error "
-                                   "(the run could not start, or no defect was found but some files were unreadable; "
-                                   "they have a row with the error in scores.csv).")
+                                   "(the run could not start: a missing path, a folder without images...; or no "
+                                   "defect was found but some files were unreadable: they have a row with the error "
+                                   "in scores.csv; or the model is not calibrated: raw scores only, no verdict).")
     s.add_argument("model_dir")
     s.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     s.add_argument("--out", default="predictions", help="output directory (default ./predictions)")
     s.add_argument("--heatmaps", action="store_true", help="also write OUT/heatmaps/*.png (normalised map, 0..1)")
-    s.add_argument("--overlays", action="store_true", help="also write OUT/overlays/*.png (heatmap over the input)")
+    s.add_argument("--overlays", action="store_true", help="also write OUT/overlays/*.png (heatmap over the input, "
+                   "with the score, the verdict and a colour bar)")
+    s.add_argument("--overlay-size", choices=("input", "model"), default="input",
+                   help="overlays at the input image's size (default) or at the model's input size")
     s.add_argument("--masks", action="store_true", help="also write OUT/masks/*.png (defect pixels 255)")
     s.add_argument("--batch-size", type=int, default=8, help="images scored together (default 8)")
     s.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present)")

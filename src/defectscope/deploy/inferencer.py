@@ -7,6 +7,11 @@
 >>> r.anomaly_map, r.mask                          # [H, W] float32 map and bool mask (model size)
 >>> results = inf.predict([img1, img2, img3])      # a batch: a list of results, in order
 
+A model without calibration (saved from Python before calibrating, by the benchmark, or by
+``defectscope fit --val-fraction 0``) gives raw scores only: ``normalized``, ``defect`` and
+``mask`` are None. The Inferencer says so once per model with an :class:`UncalibratedWarning`
+(calibrate it with ``defectscope calibrate MODEL_DIR --normal DIR``).
+
 Inputs (each goes through the preprocessing stored with the model, the same as in training: read
 as float in [0, 1], channels converted, resized with antialiased bilinear filtering, no crop):
 
@@ -33,6 +38,8 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -44,7 +51,42 @@ from ..imageio import pil_to_tensor
 from ..data.transforms import Preprocess
 from ..errors import DefectscopeError, ImageReadError
 
-__all__ = ["Inferencer", "Result", "array_to_tensor"]
+__all__ = ["Inferencer", "Result", "UncalibratedWarning", "array_to_tensor", "warn_if_uncalibrated"]
+
+
+class UncalibratedWarning(UserWarning):
+    """The model has no calibrated thresholds: scores are raw, with no verdict, normalised score or mask."""
+
+
+_WARNED: "weakref.WeakSet" = weakref.WeakSet()  # models already warned about (once per model object)
+
+
+def uncalibrated_message(model, where=None) -> str:
+    """The text of the :class:`UncalibratedWarning` for ``model`` (``where``: its directory, if known)."""
+    from ..data.validation import DEFAULT_VAL_FRACTION
+
+    d = str(where) if where is not None else "MODEL_DIR"
+    return (f"{model.name}{f' ({where})' if where is not None else ''}: the model has no calibrated thresholds: "
+            "scores are raw, with no verdict (defect, normalized score and mask are None); calibrate it with "
+            f"'defectscope calibrate {d} --normal DIR' (DIR: normal images not used for training), or fit it with "
+            f"'defectscope fit' and its default --val-fraction {DEFAULT_VAL_FRACTION:g}")
+
+
+def warn_if_uncalibrated(model, where=None, stacklevel: int = 2) -> bool:
+    """Issue one :class:`UncalibratedWarning` per model object without calibration; True if uncalibrated."""
+    if getattr(model, "calibration", None) is not None:
+        return False
+    try:
+        seen = model in _WARNED
+    except TypeError:  # not weak-referenceable: warn every time
+        seen = False
+    if not seen:
+        try:
+            _WARNED.add(model)
+        except TypeError:
+            pass
+        warnings.warn(uncalibrated_message(model, where), UncalibratedWarning, stacklevel=stacklevel + 1)
+    return True
 
 
 @dataclass
@@ -60,7 +102,9 @@ class Result:
             methods); ``normalized_map`` the same through the pixel normalisation (0.5 = pixel
             threshold); ``mask``: ``[H, W]`` bool, ``anomaly_map >= pixel threshold``.
         source: the path, for path inputs; ``input_size``: the input's ``(H, W)`` before resizing.
-        image: the preprocessed input ``[C, H, W]`` (only with ``keep_inputs=True``).
+        image: the preprocessed input ``[C, H, W]`` (only with ``keep_inputs=True`` or ``"original"``);
+            ``original``: the input as read, ``[C, H, W]`` in [0, 1] before resizing (only with
+            ``keep_inputs="original"``).
         error: for :meth:`Inferencer.stream` only: why this input could not be scored (the other
             fields are then None / NaN).
     """
@@ -75,6 +119,7 @@ class Result:
     input_size: Optional[tuple] = None
     image: Optional[torch.Tensor] = None
     error: Optional[str] = None
+    original: Optional[torch.Tensor] = None
 
     @property
     def verdict(self) -> str:
@@ -163,8 +208,10 @@ class Inferencer:
             self.model = model.to(dev).eval()
         else:
             self.model = load_model(model).to(dev).eval()  # loaded on the CPU, then moved whole
+        self.source = None if isinstance(model, AnomalyModel) else str(model)
         self.preprocess = Preprocess(self.model.image_size, self.model.channels)
         self.calibration = self.model.calibration
+        warn_if_uncalibrated(self.model, self.source, stacklevel=2)
         self._lock = threading.Lock()
         if warmup:
             self.predict(torch.zeros(self.model.channels, *self.preprocess.image_size))
@@ -176,6 +223,10 @@ class Inferencer:
     # -- inputs -----------------------------------------------------------------------------------
     def load(self, x: Any) -> tuple[torch.Tensor, tuple, Optional[str]]:
         """One input -> (preprocessed ``[C, H, W]``, original ``(H, W)``, source path or None)."""
+        return self._load(x)[:3]
+
+    def _load(self, x: Any) -> tuple[torch.Tensor, tuple, Optional[str], torch.Tensor]:
+        """:meth:`load`, plus the input as read (``[C, H, W]`` in [0, 1], before resizing)."""
         from PIL import Image
 
         source = None
@@ -199,7 +250,7 @@ class Inferencer:
             raise ImageReadError(f"cannot read an image from a {type(x).__name__}; pass a path, a numpy array, "
                                  "a PIL image or a tensor")
         size = tuple(int(v) for v in t.shape[-2:])
-        return self.preprocess(t), size, source
+        return self.preprocess(t), size, source, t
 
     # -- scoring ----------------------------------------------------------------------------------
     def predict_tensor(self, images: torch.Tensor) -> list[Result]:
@@ -220,28 +271,30 @@ class Inferencer:
                        normalized_map=None if nmap is None else nmap[i],
                        mask=None if mask is None else mask[i]) for i in range(len(score))]
 
-    def predict(self, x: Any, keep_inputs: bool = False):
+    def predict(self, x: Any, keep_inputs=False):
         """Score one image (a :class:`Result`) or a batch (a list of them); see the module doc.
 
         A bad input raises :class:`~defectscope.errors.DefectscopeError` naming it; use
         :meth:`stream` to score many inputs where bad ones are reported and skipped.
         """
         if not _is_batch(x):
-            return self._score([self.load(x)], keep_inputs)[0]
+            return self._score([self._load(x)], keep_inputs)[0]
         items = list(x)
         if not items:
             return []
-        return self._score([self.load(item) for item in items], keep_inputs)
+        return self._score([self._load(item) for item in items], keep_inputs)
 
-    def _score(self, loaded: Sequence[tuple], keep_inputs: bool) -> list[Result]:
-        results = self.predict_tensor(torch.stack([t for t, _, _ in loaded]))
-        for r, (t, size, source) in zip(results, loaded):
+    def _score(self, loaded: Sequence[tuple], keep_inputs) -> list[Result]:
+        results = self.predict_tensor(torch.stack([t for t, _, _, _ in loaded]))
+        for r, (t, size, source, original) in zip(results, loaded):
             r.input_size, r.source = size, source
             if keep_inputs:
                 r.image = t
+            if keep_inputs == "original":
+                r.original = original
         return results
 
-    def stream(self, inputs: Iterable[Any], batch_size: int = 8, keep_inputs: bool = False) -> Iterator[Result]:
+    def stream(self, inputs: Iterable[Any], batch_size: int = 8, keep_inputs=False) -> Iterator[Result]:
         """Score any number of inputs lazily, in order, holding at most ``batch_size`` of them.
 
         An input that cannot be read gives a :class:`Result` with ``error`` set (and ``score``
@@ -253,7 +306,7 @@ class Inferencer:
         n_ok = 0
         for x in inputs:
             try:
-                pending.append(self.load(x))
+                pending.append(self._load(x))
                 n_ok += 1
             except DefectscopeError as e:
                 src = str(x) if isinstance(x, (str, os.PathLike)) else None
@@ -263,7 +316,7 @@ class Inferencer:
                 pending, n_ok = [], 0
         yield from self._flush(pending, keep_inputs)
 
-    def _flush(self, pending: list, keep_inputs: bool) -> Iterator[Result]:
+    def _flush(self, pending: list, keep_inputs) -> Iterator[Result]:
         loaded = [p for p in pending if not isinstance(p, Result)]
         scored = iter(self._score(loaded, keep_inputs) if loaded else [])
         for p in pending:
