@@ -236,3 +236,72 @@ def test_mlflow_logs_each_cell_and_the_report(capsys, tiny_root, tmp_path):
     assert run.data.metrics == {"image_auroc": 0.9, "latency_ms": 12.0} and run.data.params["param.k"] == "3"
     tracker.finish([rec])
     assert client.get_run(tracker.parent_id).data.metrics["m.image_auroc"] == 0.9
+
+
+def _workers_under(tag: str) -> list[int]:
+    """The pids of the ``defectscope.bench.worker`` processes whose job file lies under ``tag``."""
+    pids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "defectscope.bench.worker" in cmd and tag in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+def test_sigterm_stops_a_bench_cleanly_and_resume_finishes_it(tiny_root, tmp_path):
+    """SIGTERM while a cell runs: the worker is stopped, its temporary folder removed, bench.json
+    says interrupted (with the cells left), results.md and report.html say "N of 4", the exit code
+    is 143; --resume then runs each remaining cell exactly once."""
+    if not Path("/proc/self/cmdline").is_file():
+        pytest.skip("needs /proc to look for worker processes")
+    out, tmp = tmp_path / "stopped", tmp_path / "tmp"
+    tmp.mkdir()
+    args = ["bench", "--models", "patchcore", "--data", f"mvtec:{tiny_root}", "--categories", "fabric,washer",
+            "--seeds", "0,1", "--image-size", "32", "--latency-runs", "5", "--threads", "1", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), "TMPDIR": str(tmp)}
+    proc = subprocess.Popen([sys.executable, "-m", "defectscope.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not read_results(out) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        workers: list[int] = []
+        while not workers and time.time() < deadline and proc.poll() is None:
+            workers = _workers_under(str(tmp))  # the next cell's worker is running
+            time.sleep(0.05)
+        assert workers and proc.poll() is None, "the bench ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, (stdout, stderr)
+    assert not _workers_under(str(tmp)) and not any(Path(f"/proc/{p}").exists() for p in workers)
+    assert list(tmp.iterdir()) == []  # no defectscope-cell-* (or other) temporary folder left
+    first = read_results(out)
+    n = len(first)
+    meta = json.loads((out / "bench.json").read_text())
+    assert meta["finished"] is None and meta["interrupted"] and meta["signal"] == "SIGTERM" and meta["planned"] == 4
+    assert 1 <= n < 4 and meta["cells_finished"] == n and len(meta["cells_left"]) == 4 - n
+    planned = {c["id"]: c for c in meta["planned_cells"]}
+    assert len(planned) == 4 and set(meta["cells_left"]) <= set(planned)
+    assert {planned[i]["key"] for i in meta["cells_left"]}.isdisjoint(r["cell_key"] for r in first)
+    assert f"{n} of 4 planned cells finished" in (out / "results.md").read_text()
+    assert f"{n} of 4 planned cells finished" in (out / "report.html").read_text()
+    last = stdout.strip().splitlines()[-1]
+    assert f"{n} of 4 planned cells finished" in last and "--resume" in last and "Traceback" not in stderr
+
+    done = subprocess.run([sys.executable, "-m", "defectscope.cli", *args, "--resume", "--no-report"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = read_results(out)
+    assert len(rows) == 4 and len({r["cell_key"] for r in rows}) == 4 and rows[:n] == first
+    meta = json.loads((out / "bench.json").read_text())
+    assert meta["finished"] and "interrupted" not in meta and meta["planned"] == 4
+    assert "Partial run" not in (out / "results.md").read_text()
+    assert list(tmp.iterdir()) == []
+    assert "Per category" in done.stdout and "Mean over categories" in done.stdout

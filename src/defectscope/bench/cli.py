@@ -3,6 +3,12 @@
 Everything is written to ``OUT/``: ``results.jsonl`` (one record per cell, as each finishes),
 ``cells/`` (what the report draws), ``bench.json`` (the command and settings of the last run),
 the tables, the figures and ``report.html`` (see :func:`defectscope.report.build_report`).
+
+``bench.json`` holds the plan (``planned``, ``planned_cells``) from the start. SIGINT or SIGTERM stops
+the run cleanly: the running cells' workers are stopped, the tables and the report are written
+from the finished cells ("N of M planned cells finished", the missing ones listed), bench.json
+gets ``interrupted``, ``signal`` and ``cells_left``, and the exit code is 128 + the signal
+(130, 143); ``--resume`` continues it.
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from pathlib import Path
 
 from ..arguments import parse_assignments, split_list
 from ..errors import DatasetError, DefectscopeError
-from ..report.tables import NUMERIC, blind_markdown, markdown_table, mean_rows
-from .grid import cells_for, run_grid
+from ..report.tables import NUMERIC, blind_markdown, markdown_table, mean_rows, partial_markdown, planned_cell
+from .grid import Interrupted, cells_for, run_grid, stop_on_signals
 
 __all__ = ["PRESETS", "NUMERIC", "add_bench_arguments", "bench_main", "blind_levels", "check_data", "command_line",
            "mean_rows", "resolve_models"]
@@ -234,8 +240,11 @@ def bench_main(args) -> int:
             "models": run, "not_implemented": missing, "data": args.data, "categories": categories, "seeds": seeds,
             "setting": setting, "contamination": levels if setting == "blind-mix" else None, "shots": shots,
             "jobs": args.jobs or (1 if args.backend == "local" else None), "backend": args.backend,
-            "latency_runs": args.latency_runs, "resume": bool(args.resume)}
-    (out / "bench.json").write_text(json.dumps(meta, indent=2))
+            "latency_runs": args.latency_runs, "resume": bool(args.resume), "finished": None,
+            "planned": len(cells),
+            "planned_cells": [planned_cell(c.model, c.category, c.setting, c.seed, c.contamination, c.shots,
+                                           c.categories, key=c.key, cell_id=c.cell_id) for c in cells]}
+    _write_meta(out, meta)
     tracker = None
     if args.mlflow is not None:
         from .tracking import MlflowTracker, default_uri
@@ -257,20 +266,39 @@ def bench_main(args) -> int:
         if tracker:
             tracker.log_cell(rec)
 
+    stopped: Interrupted | None = None
     try:
-        records = run_grid(cells, out, resume=args.resume, threads=args.threads, on_result=show, jobs=args.jobs,
-                           backend=args.backend, ray_address=args.ray_address, n_latency=args.latency_runs,
-                           timeout=args.timeout)
+        with stop_on_signals():  # SIGINT / SIGTERM: the grid stops its workers and cleans up, we report
+            records = run_grid(cells, out, resume=args.resume, threads=args.threads, on_result=show, jobs=args.jobs,
+                               backend=args.backend, ray_address=args.ray_address, n_latency=args.latency_runs,
+                               timeout=args.timeout)
+    except Interrupted as e:
+        stopped = e
+        if tracker:
+            tracker.fail()
+            tracker = None
+        records = _finished_records(out, cells)
     except BaseException:
         if tracker:
             tracker.fail()
         raise
-    meta["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    (out / "bench.json").write_text(json.dumps(meta, indent=2))
+    now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    if stopped is None:
+        meta["finished"] = now
+    else:
+        keys = {r.get("cell_key") for r in records}
+        left = [c.cell_id for c in cells if c.key not in keys]
+        meta.update(finished=None, interrupted=now, signal=stopped.name, cells_finished=len(cells) - len(left),
+                    cells_left=left)
+    _write_meta(out, meta)
+    if not (out / "results.jsonl").exists():
+        (out / "results.jsonl").touch()  # interrupted before any cell finished: an empty report
     if args.no_report:
         from ..report.tables import csv_table
 
-        (out / "results.md").write_text(f"# Per category\n\n{markdown_table(records)}\n\n# Mean over categories\n\n"
+        partial = partial_markdown(records, meta)
+        (out / "results.md").write_text((f"{partial}\n" if partial else "") +
+                                        f"# Per category\n\n{markdown_table(records)}\n\n# Mean over categories\n\n"
                                         f"{markdown_table(mean_rows(records))}\n\n{blind_markdown(records)}")
         (out / "results.csv").write_text(csv_table(records))
         (out / "results_mean.csv").write_text(csv_table(mean_rows(records)))
@@ -279,9 +307,9 @@ def bench_main(args) -> int:
         from ..report.html import build_report
 
         report = build_report(out)
-    print()
+    print("\nPer category\n")
     print(markdown_table(records))
-    print()
+    print("\nMean over categories\n")
     print(markdown_table(mean_rows(records)))
     if setting != "one-class":
         print()
@@ -294,4 +322,28 @@ def bench_main(args) -> int:
         print(f"MLflow: {tracker.uri}")
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; results in {out}/ (results.jsonl, results.md, results.csv"
           f"{', report.html' if report else ''})")
+    if stopped is not None:
+        print(f"interrupted by {stopped.name}: {meta['cells_finished']} of {len(cells)} planned cells finished; "
+              f"continue with: {command_line(args)} --resume", flush=True)
+        return stopped.exit_code
     return 1 if any(r.get("error") for r in records) else 0
+
+
+def _write_meta(out: Path, meta: dict) -> None:
+    """``OUT/bench.json``, replaced whole (a reader never sees half of it)."""
+    tmp = out / ".bench.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(out / "bench.json")
+
+
+def _finished_records(out: Path, cells) -> list[dict]:
+    """The records in ``OUT/results.jsonl`` of the cells of this run, in cell order (the last
+    attempt of each cell)."""
+    from ..engine.record import read_results
+
+    by_key: dict[str, list] = {}
+    for r in read_results(out):
+        key = r.get("cell_key")
+        if key:
+            by_key.setdefault(key, []).append(r)
+    return [r for c in cells for r in by_key.get(c.key, [])]

@@ -20,11 +20,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import threading
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -113,6 +116,52 @@ def _environment() -> dict[str, Any]:
     return {"versions": versions(), "hardware": hardware()}
 
 
+# -- stopping on a signal ------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """The benchmark was stopped by a signal (SIGINT, SIGTERM): raised in the main thread, so the
+    grid stops its workers and removes their temporary folders on the way out."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(self.name)
+
+    @property
+    def name(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@contextmanager
+def stop_on_signals(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Within this block, the first SIGINT or SIGTERM raises :class:`Interrupted`; further ones are
+    ignored until the block ends (the clean-up must not be cut short), then the previous handlers
+    come back. Outside the main thread it does nothing (Python delivers signals there only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum, frame):  # noqa: ARG001
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {}
+    try:
+        for s in signums:
+            previous[s] = signal.signal(s, handler)
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 # -- one cell ----------------------------------------------------------------------------------
 def execute_cell(cell: Cell, threads: int | None = None, artifacts_dir=None, n_latency: int = 50) -> list[dict[str, Any]]:
     """Run ``cell`` in this process and return its records (one per evaluated category); any
@@ -153,36 +202,91 @@ def _package_parent() -> str | None:
 @dataclass
 class _Running:
     cell: Cell
-    proc: subprocess.Popen
+    proc: subprocess.Popen | None
     tmp: str
     result_file: str
     t0: float
     timeout: float | None
 
 
-def _start(cell: Cell, threads: int | None, artifacts_dir, n_latency: int, timeout: float | None) -> _Running:
-    tmp = tempfile.mkdtemp(prefix="defectscope-cell-")
-    result_file = os.path.join(tmp, "record.json")
-    job = {"cell": cell.to_json(), "threads": threads, "n_latency": n_latency, "result": result_file,
-           "artifacts_dir": str(artifacts_dir) if artifacts_dir is not None else None}
-    job_file = os.path.join(tmp, "job.json")
-    Path(job_file).write_text(json.dumps(job))
-    env = dict(os.environ)
-    # the child imports the very package this process runs (also when it came from sys.path, not an install)
-    extra = _package_parent()
-    if extra:
-        env["PYTHONPATH"] = os.pathsep.join([extra] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    proc = subprocess.Popen([sys.executable, "-m", "defectscope.bench.worker", job_file], env=env,
-                            stdin=subprocess.DEVNULL)
-    return _Running(cell, proc, tmp, result_file, time.perf_counter(), timeout)
+CELL_TMP_PREFIX = "defectscope-cell-"
+OWNER_FILE = "owner.pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def sweep_stale_cell_dirs(root: str | None = None) -> int:
+    """Remove the per-cell temporary folders left behind by a bench process that was killed
+    outright (SIGKILL gives it no chance to clean up): those whose ``owner.pid`` names a process
+    that no longer exists. Returns how many were removed."""
+    n = 0
+    for d in Path(root or tempfile.gettempdir()).glob(CELL_TMP_PREFIX + "*"):
+        try:
+            pid = int((d / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue  # not ours to judge (no owner recorded, or not readable)
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+    return n
+
+
+def _start(cell: Cell, threads: int | None, artifacts_dir, n_latency: int, timeout: float | None,
+           running: list | None = None) -> _Running:
+    """Start ``cell``'s worker process in its own temporary folder. With ``running``, the run is
+    appended to it before the process starts, so an interruption at any point finds (and stops,
+    and cleans up) everything started."""
+    tmp = tempfile.mkdtemp(prefix=CELL_TMP_PREFIX)
+    try:
+        Path(tmp, OWNER_FILE).write_text(str(os.getpid()))
+        result_file = os.path.join(tmp, "record.json")
+        job = {"cell": cell.to_json(), "threads": threads, "n_latency": n_latency, "result": result_file,
+               "artifacts_dir": str(artifacts_dir) if artifacts_dir is not None else None}
+        job_file = os.path.join(tmp, "job.json")
+        Path(job_file).write_text(json.dumps(job))
+        env = dict(os.environ)
+        # the child imports the very package this process runs (also when it came from sys.path, not an install)
+        extra = _package_parent()
+        if extra:
+            env["PYTHONPATH"] = os.pathsep.join([extra] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        if threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        run = _Running(cell, None, tmp, result_file, time.perf_counter(), timeout)
+        if running is not None:
+            running.append(run)
+        # SIGINT (Ctrl-C reaches the whole process group) stays blocked while the worker starts: it
+        # inherits the mask and ignores SIGINT before unblocking it (the parent decides what stops a
+        # cell), and a Ctrl-C here reaches this process as soon as the mask is restored
+        blocking = hasattr(signal, "pthread_sigmask")
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
+        try:
+            run.proc = subprocess.Popen([sys.executable, "-m", "defectscope.bench.worker", job_file], env=env,
+                                        stdin=subprocess.DEVNULL)
+        finally:
+            if blocking:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        run.t0 = time.perf_counter()
+        return run
+    except BaseException:
+        if running is not None and running and running[-1].tmp == tmp:
+            _stop(running.pop())
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _stop(run: _Running) -> None:
-    if run.proc.poll() is None:
-        run.proc.kill()
-    run.proc.wait()
+    if run.proc is not None:
+        if run.proc.poll() is None:
+            run.proc.kill()
+        run.proc.wait()
     shutil.rmtree(run.tmp, ignore_errors=True)
 
 
@@ -264,7 +368,7 @@ def _run_local(todo: list[Cell], out: Path, jobs: int, threads: int | None, isol
         while queue or running:
             while queue and len(running) < jobs:
                 cell = queue.pop(0)
-                running.append(_start(cell, threads, _cell_dir(out, cell), n_latency, timeout))
+                _start(cell, threads, _cell_dir(out, cell), n_latency, timeout, running)
             time.sleep(0.05)
             for run in list(running):
                 late = run.timeout is not None and time.perf_counter() - run.t0 > run.timeout
@@ -272,11 +376,12 @@ def _run_local(todo: list[Cell], out: Path, jobs: int, threads: int | None, isol
                     continue
                 if late and run.proc.poll() is None:
                     run.proc.kill()
+                recs = _collect(run, timed_out=late)
                 running.remove(run)
-                deliver(run.cell, _collect(run, timed_out=late), run.t0)
+                deliver(run.cell, recs, run.t0)
     finally:
-        for run in running:  # interrupted: no orphan keeps running (its cell is simply not recorded)
-            _stop(run)
+        while running:  # interrupted: no orphan keeps running (its cell is simply not recorded)
+            _stop(running.pop())
 
 
 def _ray_cell(cell_json: dict, threads: int | None, n_latency: int, timeout: float | None):
@@ -355,6 +460,11 @@ def run_grid(cells: Iterable[Cell], out_dir, resume: bool = False, threads: int 
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / RESULTS).exists():
         (out / RESULTS).rename(out / f"results.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    if backend == "local" and isolate:
+        try:
+            sweep_stale_cell_dirs()
+        except OSError:
+            pass
     done: dict[str, list] = {}
     for r in read_results(out) if resume else []:
         done.setdefault(record_key(r), []).append(r)
@@ -375,11 +485,14 @@ def run_grid(cells: Iterable[Cell], out_dir, resume: bool = False, threads: int 
             append_result(out, rec)
             finished.append(rec)
         done[cell.key] = finished
-        bar.update(1)
-        bar.set_postfix_str(f"{cell.model} {cell.category or ''}")
         if on_result:
-            for rec in finished:
-                on_result(rec)
+            # the bar is cleared while the lines are printed, then drawn again below them (printed
+            # over the bar, they made tqdm draw its final state twice: before them and on close)
+            with tqdm.external_write_mode():
+                for rec in finished:
+                    on_result(rec)
+        bar.set_postfix_str(f"{cell.model} {cell.category or ''}", refresh=False)
+        bar.update(1)
 
     try:
         if backend == "ray":
@@ -414,5 +527,5 @@ def cells_for(models: list[str], data: str, categories: list[str | None], seeds:
     return [Cell(m, data, c, s, ps[m], setting, lvl) for m in models for c in categories for lvl in levels for s in seeds]
 
 
-__all__ = ["Cell", "run_cell", "run_grid", "cells_for", "read_results", "append_result", "execute_cell",
+__all__ = ["Cell", "Interrupted", "stop_on_signals", "sweep_stale_cell_dirs", "run_cell", "run_grid", "cells_for", "read_results", "append_result", "execute_cell",
            "available_cores", "RESULTS", "CELLS"]

@@ -24,8 +24,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .tables import (COLUMNS, _fmt, blind_markdown, csv_table, is_blind, markdown_table, mean_rows, setting_label,
-                     setting_matrix, setting_of, training_share_note, with_setting_columns)
+from .tables import (COLUMNS, _fmt, blind_markdown, csv_table, is_blind, markdown_table, mean_rows, partial_markdown,
+                     plan_status, setting_label, setting_matrix, setting_of, stop_note, training_share_note,
+                     with_setting_columns)
 
 __all__ = ["build_report", "render_html", "META_FILE", "REPORT_FILE"]
 
@@ -237,7 +238,8 @@ def _header(records: list[dict], meta: dict) -> str:
     cats = meta.get("categories") or sorted({str(r.get("category")) for r in records})
     rows = [
         ("report written", _e(_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))),
-        ("benchmark run", _e(" to ".join(x for x in (meta.get("started"), meta.get("finished")) if x) or "unknown")),
+        ("benchmark run", _e((" to ".join(x for x in (meta.get("started"), meta.get("finished")) if x) or "unknown")
+                             + stop_note(meta))),
         ("command", f"<code>{_e(meta['command'])}</code>" if meta.get("command") else "unknown (not recorded)"),
         ("data", f"{_e(data)}; categories: {_e(', '.join(map(str, cats)))}"),
         ("models", _e(", ".join(dict.fromkeys(r["model"] for r in records)))),
@@ -295,6 +297,15 @@ def render_html(records: list[dict], meta: dict, figures: dict) -> str:
     missing = meta.get("not_implemented") or []
     if missing:
         parts.append(f'<p class="note"><b>Not implemented yet</b> (listed, not run): {_e(", ".join(missing))}</p>')
+    status = plan_status(records, meta)
+    if status and status[2]:
+        n, m, left = status
+        items = "".join(f"<tr><td>{_e(c.get('model'))}</td><td>{_e(c.get('category'))}</td><td>{_e(c.get('setting'))}"
+                        f"</td><td>{_e(c.get('seed'))}</td></tr>" for c in left)
+        parts.append(f'<p class="note partial"><b>Partial run: {n} of {m} planned cells finished</b>{_e(stop_note(meta))}. '
+                     "Continue it with the same command and <code>--resume</code>. Not finished:</p>"
+                     '<table class="missing"><thead><tr><th>model</th><th>category</th><th>setting</th><th>seed</th>'
+                     f"</tr></thead><tbody>{items}</tbody></table>")
     n_err = sum(1 for r in records if r.get("error"))
     parts.append(f'<p class="note">{len(records)} cell(s), {n_err} failed. Accuracy in percent. Latency: median '
                  "of single-image predictions (batch 1) after warm-up; throughput at batch 16; peak RSS of the "
@@ -380,7 +391,8 @@ def build_report(out_dir, meta: dict | None = None) -> Path:
     records = _records(out, meta)
     seeds = len({r.get("seed") for r in records if r.get("seed") is not None}) or 1
     means = mean_rows(records)
-    (out / "results.md").write_text(f"# Per category\n\n{markdown_table(records)}\n\n# Mean over categories\n\n"
+    partial = partial_markdown(records, meta)
+    (out / "results.md").write_text((f"{partial}\n" if partial else "") + f"# Per category\n\n{markdown_table(records)}\n\n# Mean over categories\n\n"
                                     f"{markdown_table(means)}\n" + (f"\n{blind_markdown(records)}" if is_blind(records) else ""))
     (out / "results.csv").write_text(csv_table(records))
     (out / "results_mean.csv").write_text(csv_table(means))

@@ -209,3 +209,47 @@ def blind_markdown(records: Iterable[dict]) -> str:
     for metric, title in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO")):
         parts.append(f"## {title}\n\n{setting_table(records, metric)}")
     return "\n\n".join(parts) + "\n"
+
+
+# -- the plan of a run and how much of it finished ---------------------------------------------
+def planned_cell(model: str, category, setting: str = "one-class", seed=0, contamination=None, shots=None,
+                 categories=(), key: str = "", cell_id: str = "") -> dict:
+    """One entry of ``bench.json``'s ``planned_cells``: enough to list a cell that did not finish."""
+    level = shots if setting == "few-shot" else contamination
+    return {"id": cell_id, "key": key, "model": model,
+            "category": category if category is not None else (", ".join(categories) if categories else None),
+            "setting": setting_label(setting, level) if setting in ("blind-mix", "few-shot") else setting,
+            "seed": seed}
+
+
+def plan_status(records: Iterable[dict], meta: dict | None) -> tuple[int, int, list[dict]] | None:
+    """``(finished, planned, missing cells)`` from ``meta["planned_cells"]`` (``bench.json``) and the
+    records' ``cell_key``; None when the run recorded no plan."""
+    planned = (meta or {}).get("planned_cells")
+    if not isinstance(planned, list) or not planned:
+        return None
+    keys = {r.get("cell_key") for r in records}
+    missing = [c for c in planned if isinstance(c, dict) and c.get("key") not in keys]
+    return len(planned) - len(missing), len(planned), missing
+
+
+def stop_note(meta: dict | None) -> str:
+    """``" (interrupted by SIGTERM at ...)"`` for an interrupted run, else ``""``."""
+    meta = meta or {}
+    if not meta.get("interrupted"):
+        return ""
+    return f" (interrupted by {meta.get('signal') or 'a signal'} at {meta['interrupted']})"
+
+
+def partial_markdown(records: Iterable[dict], meta: dict | None) -> str:
+    """The ``results.md`` section of a partial run: "N of M planned cells finished" and the
+    missing cells (model, category, setting, seed); ``""`` for a complete run (or no plan)."""
+    status = plan_status(list(records), meta)
+    if status is None or not status[2]:
+        return ""
+    n, m, missing = status
+    rows = "\n".join(f"| {c.get('model')} | {c.get('category')} | {c.get('setting')} | {c.get('seed')} |"
+                     for c in missing)
+    return (f"**Partial run: {n} of {m} planned cells finished**{stop_note(meta)}. Continue it with the same "
+            f"command and `--resume`.\n\nNot finished:\n\n| model | category | setting | seed |\n|---|---|---|---|\n"
+            f"{rows}\n")
