@@ -305,3 +305,15 @@ def test_sigterm_stops_a_bench_cleanly_and_resume_finishes_it(tiny_root, tmp_pat
     assert "Partial run" not in (out / "results.md").read_text()
     assert list(tmp.iterdir()) == []
     assert "Per category" in done.stdout and "Mean over categories" in done.stdout
+
+
+def test_bench_without_models_runs_the_quick_preset_and_says_its_budgets(tiny_root, tmp_path, capsys):
+    code = main(["bench", "--data", f"mvtec:{tiny_root}", "--categories", "washer", "--image-size", "32",
+                 "--param", "stfpm.epochs=2", "--out", str(tmp_path / "q"), "--latency-runs", "2", "--no-report"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "quick benchmark" in out and "sae (epochs=5; paper: epochs=50)" in out and "--preset A|B|C" in out
+    rows = {r["model"]: r for r in read_results(tmp_path / "q")}
+    assert set(rows) == {"padim", "sae", "stfpm"}  # one per landed family, untrained and trained
+    assert rows["sae"]["params"]["epochs"] == 5 and rows["stfpm"]["params"]["epochs"] == 2  # --param wins
+    assert all(r["params"]["image_size"] == 32 for r in rows.values())  # --image-size over the budgets

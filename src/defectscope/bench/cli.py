@@ -31,6 +31,7 @@ __all__ = ["PRESETS", "NUMERIC", "add_bench_arguments", "bench_main", "blind_lev
 # Presets are model filters (:func:`defectscope.models.catalog.select_models`): names, patterns and
 # tag filters. A, B and C are the scenario presets of the benchmark guide (shared/seeds/003, section 5).
 PRESETS: dict[str, str] = {
+    "quick": "padim,sae,stfpm",
     "A": "sae,dae,patchcore,efficientad,padim",
     "B": "sae,dae,patchcore,efficientad,padim,stfpm,fastflow,reverse_distillation",
     "C": "efficientad,patchcore",
@@ -39,6 +40,13 @@ PRESETS: dict[str, str] = {
     "few-shot": "setting=few-shot",
     "multi-class": "setting=multi-class",
 }
+
+#: The budgets of the ``quick`` preset, which is what ``defectscope bench`` runs without
+#: ``--preset``/``--models``: one method of each family that has landed, untrained (PaDiM, memory)
+#: and trained (SAE, reconstruction; STFPM, distillation), short enough to finish in minutes on
+#: 2 CPU cores. ``--param`` overrides them; the paper-length grids are behind --preset and --models.
+QUICK_BUDGETS: dict[str, dict] = {"padim": {}, "sae": {"epochs": 5}, "stfpm": {"epochs": 10, "image_size": 128}}
+PAPER_LENGTHS = {"sae": "epochs=50", "stfpm": "epochs=100, image_size=256"}
 
 FOLDER_LAYOUT = (
     "expected folder layout:\n"
@@ -57,11 +65,13 @@ def _layout(kind: str) -> str:
 
 def add_bench_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="scenario preset of the guide: A (sae, dae, patchcore, efficientad, padim), B (A + stfpm, "
-                        "fastflow, reverse_distillation), C (efficientad, patchcore); or a tag filter: no-training, "
-                        "zero-shot, few-shot, multi-class (the methods tagged so)")
+                   help="quick (the default without --models: padim, sae 5 epochs, stfpm 10 epochs at 128 px; "
+                        "minutes), or a scenario preset of the guide at the papers' lengths: A (sae, dae, patchcore, "
+                        "efficientad, padim), B (A + stfpm, fastflow, reverse_distillation), C (efficientad, "
+                        "patchcore); or a tag filter: no-training, zero-shot, few-shot, multi-class")
     p.add_argument("--models", help="comma-separated methods, patterns (patch*) and tag filters (trains=false, "
-                                    "setting=few-shot, paradigm=memory...); default: every available method")
+                                    "setting=few-shot, paradigm=memory...; '*' = every method at its paper's length); default: "
+                                    "the quick preset")
     p.add_argument("--data", default="synthetic", help="synthetic (default), mvtec:DIR, visa:DIR or folder:DIR")
     p.add_argument("--categories", help="comma-separated categories (default: all of the data set)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
@@ -205,7 +215,13 @@ def bench_main(args) -> int:
 
     setting, levels = blind_levels(getattr(args, "setting", None), getattr(args, "contamination", None))
     shots = _shots(setting, getattr(args, "shots", None))
-    run, missing, skipped = resolve_models(args.preset, args.models, setting)
+    quick = not args.models and (args.preset or "quick") == "quick"
+    run, missing, skipped = resolve_models("quick" if quick else args.preset, args.models, setting)
+    if quick:
+        budgets = ", ".join(f"{m} ({', '.join(f'{k}={v}' for k, v in QUICK_BUDGETS[m].items()) or 'paper defaults'}"
+                            + (f"; paper: {PAPER_LENGTHS[m]})" if m in PAPER_LENGTHS else ")") for m in run)
+        print(f"quick benchmark, a few minutes on 2 CPU cores: {budgets}; the paper-length grids: "
+              "--preset A|B|C or --models '*'")
     for name in missing:
         print(f"not implemented yet: {name} (listed, not run)")
     for name in skipped:
@@ -216,15 +232,14 @@ def bench_main(args) -> int:
         raise DefectscopeError(f"--jobs must be at least 1, got {args.jobs}")
     if args.latency_runs < 1:
         raise DefectscopeError(f"--latency-runs must be at least 1, got {args.latency_runs}")
-    params: dict[str, dict] = {m: {} for m in run}
+    params: dict[str, dict] = {m: dict(QUICK_BUDGETS.get(m, {})) if quick else {} for m in run}
+    for m in run if args.image_size else []:
+        params[m]["image_size"] = args.image_size  # over the quick budgets, under --param
     for key, value in parse_assignments(args.param).items():
         model, _, name = key.partition(".")
         if model not in params or not name:
             raise DefectscopeError(f"--param {key}: expected MODEL.NAME=VALUE with MODEL one of {', '.join(run)}")
         params[model][name] = value
-    if args.image_size:
-        for m in run:
-            params[m].setdefault("image_size", args.image_size)
     from ..models import get_model_class
 
     params = {m: get_model_class(m).convert_params(p) for m, p in params.items()}
