@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress
 
 __all__ = ["seed_everything", "auto_device", "load_images", "batches", "train_loop"]
 
@@ -41,7 +41,7 @@ def load_images(dataset, desc: str = "loading images") -> torch.Tensor:
     Training sets of anomaly detection are small (tens to a few thousand images); holding them
     in memory once makes every epoch a pure tensor loop.
     """
-    images = [dataset[i]["image"] for i in tqdm(range(len(dataset)), desc=desc, leave=False, disable=None)]
+    images = [dataset[i]["image"] for i in progress(range(len(dataset)), desc=desc)]
     return torch.stack(images)
 
 
@@ -88,7 +88,7 @@ def train_loop(
     device = device or auto_device()
     history: dict = {"loss": [], "val_loss": [], "best_epoch": None}
     best, best_state, stale = math.inf, None, 0
-    bar = tqdm(range(epochs), desc=desc, leave=False, disable=None)
+    bar = progress(range(epochs), desc=desc, unit="epoch")
     for epoch in bar:
         module.train()
         total, count = 0.0, 0

@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
+from ..progress import progress
+
 from ..engine.record import RESULTS, ResultRecord, append_result, read_results
 from ..errors import DefectscopeError
 
@@ -473,7 +475,7 @@ def run_grid(cells: Iterable[Cell], out_dir, resume: bool = False, threads: int 
         threads = max(1, available_cores() // jobs)
     elif threads is None and backend == "ray":
         threads = 1  # Ray's own convention for a task of one CPU; ask for more with threads=
-    bar = tqdm(total=len(todo), desc="bench", disable=None)
+    bar = progress(total=len(todo), desc="bench", unit="cell", leave=True)
 
     def deliver(cell: Cell, recs: list, t0: float) -> None:
         finished = []

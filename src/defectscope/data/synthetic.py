@@ -517,8 +517,9 @@ def make_synthetic(
     total = len(cats) * (n_train + n_test_good + len(DEFECT_TYPES) * n_test_defect)  # type: ignore[arg-type]
     from tqdm import tqdm
 
-    with tqdm(total=total, desc="synthetic set", unit="img", disable=not progress,
-              leave=False) as bar:
+    from ..progress import progress as progress_bar
+
+    with (progress_bar(total=total, desc="synthetic set", unit="img") if progress else tqdm(disable=True)) as bar:
         for cat in cats:  # type: ignore[union-attr]
             jobs = [("train", None, n_train), ("test", None, n_test_good)]
             jobs += [("test", t, n_test_defect) for t in DEFECT_TYPES]

@@ -30,10 +30,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..imageio import IMAGE_EXTENSIONS, list_images
 from ..errors import DefectscopeError
+from ..progress import progress
 from .inferencer import Inferencer, warn_if_uncalibrated
 
 __all__ = ["expand_paths", "check_paths", "count_paths", "predict_paths", "CSV_FIELDS"]
@@ -117,7 +117,7 @@ def predict_paths(model, paths: Iterable, out_dir="predictions", *, heatmap: boo
         writer = csv.writer(f)
         writer.writerow(CSV_FIELDS)
         results = inf.stream(expand_paths(paths), batch_size=batch_size, keep_inputs=keep)
-        for row, r in enumerate(tqdm(results, total=total, desc="predict", unit="img", disable=None), start=1):
+        for row, r in enumerate(progress(results, total=total, desc="predict", unit="img", leave=True), start=1):
             if r.error is not None:
                 writer.writerow([r.source, "", "", "error", r.error])
                 print(f"defectscope: skipped: {r.error}", file=sys.stderr)

@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..data.settings import family as setting_tag
 from ..data.settings import load_split
@@ -30,6 +29,7 @@ from ..errors import DefectscopeError
 from ..metrics import compute_metrics
 from ..models.base import AnomalyModel, FitContext, create_model
 from ..models.io import versions
+from ..progress import progress
 from .record import ResultRecord
 
 __all__ = ["predict_dataset", "evaluate", "measure_speed", "peak_rss_mb", "hardware", "run_experiment",
@@ -67,7 +67,7 @@ def predict_dataset(model: AnomalyModel, dataset, batch_size: int = 16, desc: st
     """Run ``model`` over ``dataset``; returns scores [N], labels [N], maps [N,H,W] and masks."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     scores, labels, maps, masks = [], [], [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+    for batch in progress(loader, desc=desc, unit="batch"):
         pred = model.predict(batch["image"])
         scores.append(pred.score.numpy())
         labels.append(np.asarray(batch["label"]))

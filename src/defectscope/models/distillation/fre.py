@@ -30,9 +30,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...training import auto_device, batches, load_images, seed_everything, train_loop
+from ...progress import progress
 from ...errors import DefectscopeError
 from ._common import InferenceCache
 from .._pretrained import BackboneModel
@@ -123,8 +123,8 @@ class Fre(BackboneModel):
             imgs = load_images(ds)
             with torch.no_grad():
                 return torch.cat([self.pooled_features(b.to(device), fast=True).flatten(1).cpu()
-                                  for b in tqdm(list(batches(imgs, p["batch_size"], False)),
-                                                desc="fre features", leave=False, disable=None)])
+                                  for b in progress(list(batches(imgs, p["batch_size"], False)),
+                                                    desc="fre features", unit="batch")])
 
         x = features(dataset)
         val = features(val_dataset) if val_dataset is not None and len(val_dataset) else None

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
+
+from ...progress import progress
 
 __all__ = ["dataset_features", "global_pool", "deepest_layer"]
 
@@ -31,7 +32,7 @@ def dataset_features(fn: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Ten
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
     out: tuple[torch.Tensor, ...] | None = None
     n = 0
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+    for batch in progress(loader, desc=desc, unit="batch"):
         res = fn(batch["image"].to(device, torch.float32))
         res = res if isinstance(res, tuple) else (res,)
         if out is None:

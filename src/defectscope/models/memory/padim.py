@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ...training import auto_device
 from ...errors import DefectscopeError
 from ...ops import cholesky_inverse_factor, fit_gaussian, mahalanobis
+from ...progress import progress
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
 from ..params import Param, Tags
@@ -90,7 +90,7 @@ class Padim(BackboneModel):
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.params["batch_size"], num_workers=0)
         x = None  # [N, P, d'], filled batch by batch (no second copy from a concatenation)
         with torch.no_grad():
-            for batch in tqdm(loader, desc="padim features", leave=False, disable=None):
+            for batch in progress(loader, desc="padim features", unit="batch"):
                 e = self.embed(batch["image"].to(self.device)).flatten(2).transpose(1, 2)  # [b, P, d']
                 if x is None:
                     x, n = e.new_empty(len(dataset), *e.shape[1:]), 0

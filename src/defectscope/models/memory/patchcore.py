@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ...training import auto_device, seed_everything
 from ...ops import NearestNeighbors, greedy_coreset
+from ...progress import progress
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
 from ..params import Param, Tags
@@ -129,11 +130,9 @@ class PatchCore(BackboneModel):
         seed_everything(self.params["seed"])
         self.to(auto_device(self.params["device"]))
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.params["batch_size"], num_workers=0)
-        from tqdm.auto import tqdm
-
         chunks = []
         with torch.no_grad():
-            for batch in tqdm(loader, desc="patchcore features", leave=False, disable=None):
+            for batch in progress(loader, desc="patchcore features", unit="batch"):
                 e = self.embed(batch["image"].to(self.device))
                 chunks.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]))
         bank = torch.cat(chunks)
