@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import WeightsNotFoundError
 from ._frozen import Frozen as _Frozen
+from ._frozen import normalise as _normalise
 from .registry import (
     BACKBONES,
     DEFAULT_BACKBONE,
@@ -87,18 +88,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
-
-
-def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor of images, got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected images of shape [B, 3, H, W] or [B, 1, H, W], got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"expected float images with values in [0, 1], got dtype {images.dtype}")
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return (images.to(mean.dtype) - mean) / std
 
 
 class FeatureExtractor(_Frozen):

@@ -28,3 +28,17 @@ class Frozen(nn.Module):
     def train(self, mode: bool = True) -> "Frozen":
         """A frozen network stays in eval mode (its BatchNorm statistics never move)."""
         return super().train(mode and self.trainable)
+
+
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Float images ``[B, 1 or 3, H, W]`` in [0, 1] -> normalised ``[B, 3, H, W]`` (a gray image is
+    repeated to 3 channels); a clear error for anything else."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor of images, got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape [B, 3, H, W] or [B, 1, H, W], got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"expected float images with values in [0, 1], got dtype {images.dtype}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return (images.to(mean.dtype) - mean) / std

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import WeightsNotFoundError
-from ._frozen import Frozen
+from ._frozen import Frozen, normalise
 from .vit import VIT_BACKBONES, ViTSpec, VisionTransformer, build, get_vit_spec
 from .vit_weights import (
     find_vit_weights,
@@ -43,20 +43,12 @@ class ViTFeatures(NamedTuple):
 
 
 def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, patch: int) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor of images, got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected images of shape [B, 3, H, W] or [B, 1, H, W], got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"expected float images with values in [0, 1], got dtype {images.dtype}")
-    h, w = images.shape[-2:]
+    h, w = images.shape[-2:] if isinstance(images, torch.Tensor) and images.ndim == 4 else (patch, patch)
     if h % patch or w % patch or h == 0 or w == 0:
         fit = (max(1, round(h / patch)) * patch, max(1, round(w / patch)) * patch)
         raise ValueError(f"image size {h}x{w} is not a multiple of the ViT's patch size {patch}: "
                          f"resize or crop to e.g. {fit[0]}x{fit[1]}")
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return (images.to(mean.dtype) - mean) / std
+    return normalise(images, mean, std)
 
 
 class ViTExtractor(Frozen):
