@@ -24,25 +24,12 @@ EXIT_ERROR = 2  # bad input; predict: no defect found but some files could not b
 
 # -- verbs -------------------------------------------------------------------------------------
 def cmd_models(args) -> int:
-    from .models import list_models
-    from .models.catalog import describe
+    from .models.catalog import describe, overview
 
     if args.name:
         print(describe(args.name))
         return 0
-    rows = []
-    for cls in list_models():
-        ok, note = cls().weights_available()
-        rows.append((cls.name, cls.paradigm, "pixel" if cls.tags.pixel_level else "image only",
-                     "yes" if ok else f"no ({note})", cls.description))
-    widths = [max(len(r[i]) for r in rows + [("name", "paradigm", "level", "weights", "")]) for i in range(4)]
-    head = ("name", "paradigm", "level", "weights")
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  description")
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r[:4], widths)) + "  " + r[4])
-        if args.verbose:
-            print("    defaults: " + ", ".join(f"{k}={v}" for k, v in sorted(next(
-                c for c in list_models() if c.name == r[0]).defaults.items())))
+    print(overview(verbose=args.verbose))
     return 0
 
 

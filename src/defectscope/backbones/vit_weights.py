@@ -70,6 +70,7 @@ from .weights import (
     WeightsFileError,
     WeightsSource,
     download_allowed,
+    explicit_source,
     hub_checkpoint_dir,
     package_weights_file,
 )
@@ -128,11 +129,7 @@ def expected_filenames(spec: ViTSpec) -> tuple[str, ...]:
     return tuple(dict.fromkeys([f.filename for f in spec.hub_files] + list(spec.torch_hub_files)))
 
 
-def _in_folder(spec: ViTSpec, folder: Path) -> Path | None:
-    names = expected_filenames(spec)
-    for filename in names:
-        if (folder / filename).is_file():
-            return folder / filename
+def _in_hub_folder(names: list[str], folder: Path) -> Path | None:
     if (folder / "snapshots").is_dir():  # a models--org--name folder of a hub cache
         for filename in names:
             found = cached_hub_file(folder, filename)
@@ -149,18 +146,8 @@ def find_vit_weights(name: str, weights: PathLike | None = None) -> WeightsSourc
     """
     spec = get_vit_spec(name)
     if weights is not None:
-        path = Path(weights).expanduser()
-        if path.is_file():
-            return WeightsSource("explicit", path)
-        if path.is_dir():
-            found = _in_folder(spec, path)
-            if found is not None:
-                return WeightsSource("explicit", found)
-            raise WeightsNotFoundError(
-                f"weights folder {path} given for ViT backbone {spec.name!r} holds none of "
-                f"{', '.join(expected_filenames(spec))}: put the file there or pass the file's own path"
-            )
-        raise WeightsNotFoundError(f"weights file {path} given for ViT backbone {spec.name!r} does not exist")
+        return explicit_source(weights, f"ViT backbone {spec.name!r}", expected_filenames(spec),
+                               in_folder=lambda folder: _in_hub_folder(expected_filenames(spec), folder))
     cache = hf_hub_cache()
     for hub_file in spec.hub_files:
         found = cached_hub_file(hub_repo_dir(hub_file.repo, cache), hub_file.filename)

@@ -110,6 +110,24 @@ def package_weights_file(spec: BackboneSpec) -> Path | None:
     return None
 
 
+def explicit_source(weights: str | os.PathLike[str], what: str, filenames: list[str] | tuple[str, ...],
+                    in_folder=None) -> WeightsSource:
+    """Source 1, the path the user gave: a file as it is, or the first of ``filenames`` in a folder
+    (``in_folder(folder)`` looks further, e.g. into a hub-cache layout); else the error that says
+    what was expected. ``what``: the backbone, for the message (``backbone 'resnet18'``)."""
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return WeightsSource("explicit", path)
+    if path.is_dir():
+        found = next((path / f for f in filenames if (path / f).is_file()), None)
+        found = found or (in_folder(path) if in_folder else None)
+        if found is not None:
+            return WeightsSource("explicit", found)
+        raise WeightsNotFoundError(f"weights folder {path} given for {what} holds none of {', '.join(filenames)}: "
+                                   "put the file there or pass the file's own path")
+    raise WeightsNotFoundError(f"weights file {path} given for {what} does not exist")
+
+
 def find_weights(name: str, weights: str | os.PathLike[str] | None = None) -> WeightsSource | None:
     """Sources 1-3 (no download, nothing loaded); ``None`` when none has the file.
 
@@ -117,18 +135,7 @@ def find_weights(name: str, weights: str | os.PathLike[str] | None = None) -> We
     """
     spec = get_spec(name)
     if weights is not None:
-        path = Path(weights).expanduser()
-        if path.is_file():
-            return WeightsSource("explicit", path)
-        if path.is_dir():
-            for filename in spec.cache_files:
-                if (path / filename).is_file():
-                    return WeightsSource("explicit", path / filename)
-            raise WeightsNotFoundError(
-                f"weights folder {path} given for backbone {spec.name!r} holds none of "
-                f"{', '.join(spec.cache_files)}: put the file there or pass the file's own path"
-            )
-        raise WeightsNotFoundError(f"weights file {path} given for backbone {spec.name!r} does not exist")
+        return explicit_source(weights, f"backbone {spec.name!r}", spec.cache_files)
     cache = hub_checkpoint_dir()
     for filename in spec.cache_files:
         if (cache / filename).is_file():

@@ -9,6 +9,7 @@ benchmark runs each cell in a fresh process so that it is the cell's own).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import resource
@@ -146,9 +147,10 @@ def run_experiments(model_name: str, params: dict | None = None, data: str = "sy
     t0 = time.perf_counter()
     model.fit(split.train, context=context)
     fit_s = time.perf_counter() - t0
-    base = ResultRecord(model=model.name, params=model.params, dataset=data.split(":", 1)[0], data=data,
+    base = ResultRecord(model=model.name, params=dict(model.params), dataset=data.split(":", 1)[0], data=data,
                         setting=split.setting, contamination=split.info.get("contamination"),
                         shots=split.info.get("shots"), seed=seed, fit_s=fit_s)
+    counts = {k: v for k, v in split.info.items() if k not in ("contamination", "shots", "categories")}
     records = []
     for cat, test in split.tests.items():
         metrics, predictions = evaluate(model, test)
@@ -156,12 +158,9 @@ def run_experiments(model_name: str, params: dict | None = None, data: str = "sy
             metrics.update({k: None for k in metrics if k.startswith("image_")})
         if keep is not None:
             keep(cat, predictions, test)
-        rec = ResultRecord(**{**base.__dict__, "params": dict(model.params)})
-        rec.category, rec.metrics = cat, metrics
-        rec.split = {k: v for k, v in split.info.items() if k not in ("contamination", "shots", "categories")}
         if len(split.tests) > 1:  # multi-class: the counts of this category's evaluation
-            rec.split.update(n_test=len(test), n_test_anomalous=int(predictions["labels"].sum()))
-        records.append(rec)
+            counts = {**counts, "n_test": len(test), "n_test_anomalous": int(predictions["labels"].sum())}
+        records.append(dataclasses.replace(base, category=cat, metrics=metrics, split=counts))
     first_test = next(iter(split.tests.values()))
     cost: dict[str, Any] = {}
     if measure:
