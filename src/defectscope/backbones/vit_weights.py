@@ -69,6 +69,7 @@ from .weights import (
     ENV_ALLOW_DOWNLOAD,
     WeightsFileError,
     WeightsSource,
+    copy_state,
     download_allowed,
     explicit_source,
     hub_checkpoint_dir,
@@ -486,20 +487,6 @@ def load_vit_weights(network: nn.Module, spec: ViTSpec, path: Path, full_shapes:
             and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1):
         network.pos_embed = nn.Parameter(torch.zeros(pos.shape, dtype=network.pos_embed.dtype))
         full_shapes["pos_embed"] = pos.shape
-    unexpected = [k for k in state if k not in full_shapes]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(full_shapes[k])}"
-             for k in state if k in full_shapes and state[k].shape != full_shapes[k]]
-    own = network.state_dict()
-    missing = [k for k in own if k not in state]
-    if unexpected or wrong or missing:
-        parts = []
-        for label, items in (("unexpected keys", unexpected), ("wrong shapes", wrong), ("missing keys", missing)):
-            if items:
-                more = f" and {len(items) - 3} more" if len(items) > 3 else ""
-                parts.append(f"{label}: {', '.join(items[:3])}{more}")
-        raise WeightsFileError(f"weights file {path} ({fmt} naming) does not fit ViT backbone {spec.name!r}: "
-                               + "; ".join(parts))
-    with torch.no_grad():
-        for key, tensor in own.items():
-            tensor.copy_(state[key].to(tensor.dtype))
+    copy_state(network, state, full_shapes,
+               f"weights file {path} ({fmt} naming) does not fit ViT backbone {spec.name!r}")
     return fmt

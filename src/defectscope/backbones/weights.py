@@ -246,6 +246,14 @@ def load_weights_into(
         state = spec.adapter(state)
     except ValueError as exc:
         raise WeightsFileError(f"weights file {path} is not a {spec.name} checkpoint: {exc}") from exc
+    copy_state(network, state, full_shapes, f"weights file {path} does not fit backbone {spec.name!r}")
+
+
+def copy_state(network: nn.Module, state: dict[str, torch.Tensor], full_shapes, mismatch: str) -> None:
+    """Copy ``state`` into ``network`` in place, after checking it against ``full_shapes`` (the
+    shapes of the whole architecture, of which ``network`` may be a truncated part): unexpected
+    keys, wrong shapes and missing keys (BatchNorm's step counters excepted) raise one
+    :class:`WeightsFileError` that starts with ``mismatch`` and names the first three of each."""
     unexpected = [k for k in state if k not in full_shapes]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(full_shapes[k])}"
              for k in state if k in full_shapes and state[k].shape != full_shapes[k]]
@@ -257,7 +265,7 @@ def load_weights_into(
             if items:
                 more = f" and {len(items) - 3} more" if len(items) > 3 else ""
                 parts.append(f"{label}: {', '.join(items[:3])}{more}")
-        raise WeightsFileError(f"weights file {path} does not fit backbone {spec.name!r}: " + "; ".join(parts))
+        raise WeightsFileError(f"{mismatch}: " + "; ".join(parts))
     with torch.no_grad():
         for key, tensor in own.items():
             if key in state:
