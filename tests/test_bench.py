@@ -313,6 +313,9 @@ def test_bench_without_models_runs_the_quick_preset_and_says_its_budgets(tiny_ro
     out = capsys.readouterr().out
     assert code == 0, out
     assert "quick benchmark" in out and "sae (epochs=5; paper: epochs=50)" in out and "--preset A|B|C" in out
+    assert "planned: 3 cell(s), estimated" in out and "warning" not in out  # the plan, before any cell
+    planned = json.loads((tmp_path / "q" / "bench.json").read_text())["planned_cells"]
+    assert all(c["estimated_s"] > 0 for c in planned)
     rows = {r["model"]: r for r in read_results(tmp_path / "q")}
     assert set(rows) == {"padim", "sae", "stfpm"}  # one per landed family, untrained and trained
     assert rows["sae"]["params"]["epochs"] == 5 and rows["stfpm"]["params"]["epochs"] == 2  # --param wins

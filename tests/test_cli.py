@@ -22,10 +22,13 @@ def test_models_lists_both_autoencoders(capsys):
     code, out, _ = run(capsys, "models")
     assert code == 0
     assert "sae" in out and "dae" in out and "reconstruction" in out
+    assert "fit 200 img" in out and "predict" in out and "reference CPU" in out  # the cost columns
+    efficientad = next(line for line in out.splitlines() if line.startswith("efficientad"))
+    assert "days" in efficientad  # what a CPU user must know before a paper-length fit
 
 
 def test_every_verb_has_help(capsys):
-    for verb in (["models"], ["backbones"], ["data", "synth"], ["fit"], ["test"], ["predict"], ["calibrate"], ["bench"], ["report"]):
+    for verb in (["models"], ["advise"], ["backbones"], ["data", "synth"], ["fit"], ["test"], ["predict"], ["calibrate"], ["bench"], ["report"]):
         with pytest.raises(SystemExit) as e:
             main([*verb, "--help"])
         assert e.value.code == 0
@@ -136,6 +139,7 @@ def test_fit_without_validation_split_then_test_reproduces_the_bench_cell(capsys
 def test_models_name_prints_the_parameter_table(capsys):
     code, out, _ = run(capsys, "models", "patchcore")
     assert code == 0 and "coreset_ratio" in out and "float" in out and "(0, 1]" in out and "settings:" in out
+    assert "cost at the defaults on the reference CPU" in out and "per training image" in out
     code, _, err = run(capsys, "fit", "patchcore", "--out", "x", "--param", "coreset_ratio=2")
     assert code == 2 and "coreset_ratio=2" in err and "(0, 1]" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(capsys, "models", "nope")

@@ -36,8 +36,12 @@ def cmd_models(args) -> int:
 def cmd_synth(args) -> int:
     from .data.synthetic import make_synthetic
 
-    root = make_synthetic(args.out, categories=split_list(args.categories) or None, image_size=args.size,
-                          channels=args.channels, n_train=args.n_train, seed=args.seed)
+    try:
+        root = make_synthetic(args.out, categories=split_list(args.categories) or None, image_size=args.size,
+                              channels=args.channels, n_train=args.n_train, seed=args.seed,
+                              defect_px=args.defect_px)  # --defect-px: the high-resolution variant (tiling)
+    except ValueError as e:  # a bad option value: one line
+        raise DefectscopeError(f"data synth: {e}") from None
     print(root)
     return 0
 
@@ -54,7 +58,7 @@ def cmd_fit(args) -> int:
     model = create_model(args.model, **params)
     model.check_weights()  # a missing weights file is said before the data is read or generated
     anomalies = _val_anomalies(args, model)  # checks the calibration options before any work
-    data = load_dataset(args.data, args.category, "train", image_size=model.image_size, channels=model.channels)
+    data = load_dataset(args.data, args.category, "train", image_size=model.input_size, channels=model.channels)
     train, val = validation_split(data, args.val_fraction, seed=int(model.params.get("seed") or 0))
     t0 = time.perf_counter()
     model.fit(train, val)
@@ -76,7 +80,7 @@ def _val_anomalies(args, model):
         if args.val_masks:
             raise DefectscopeError("--val-masks needs --val-anomalies")
         return None
-    return image_folder_dataset(args.val_anomalies, 1, masks=args.val_masks, image_size=model.image_size,
+    return image_folder_dataset(args.val_anomalies, 1, masks=args.val_masks, image_size=model.input_size,
                                 channels=model.channels)
 
 
@@ -96,7 +100,7 @@ def cmd_calibrate(args) -> int:
     from .models import load_model
 
     model = load_model(args.model_dir)
-    normal = image_folder_dataset(args.normal, 0, image_size=model.image_size, channels=model.channels)
+    normal = image_folder_dataset(args.normal, 0, image_size=model.input_size, channels=model.channels)
     _calibrate(model, normal, _val_anomalies(args, model), args)
     model.save(args.model_dir)
     return 0
@@ -108,6 +112,26 @@ def cmd_test(args) -> int:
     record = test_saved_model(args.model_dir, args.data, args.category, measure=not args.no_speed)
     print(json.dumps(record, indent=None if args.json else 2, default=str))
     return 0
+
+
+def _calibration_images(args, n: int = 64):
+    """Up to ``n`` normal training images of ``--calibration-data`` (seeded pick), at the size the
+    model directory's config says, for a first INT8 quantization; None without the option."""
+    spec = getattr(args, "calibration_data", None)
+    if not spec:
+        return None
+    import torch
+
+    from .data import load_dataset
+    from .models import get_model_class
+    from .models.io import read_config
+
+    cfg = read_config(Path(args.model_dir))
+    p = {**get_model_class(cfg["model"]).defaults, **cfg["params"]}
+    side = p.get("tile_from") or p["image_size"]  # the model's input_size: the whole image when tiling
+    train = load_dataset(spec, args.category, "train", image_size=side, channels=p["channels"])
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return torch.stack([train[int(i)]["image"] for i in pick])
 
 
 def cmd_predict(args) -> int:
@@ -129,7 +153,8 @@ def cmd_predict(args) -> int:
         warnings.showwarning = one_line
         s = predict_paths(args.model_dir, args.paths, out_dir=args.out, heatmap=args.heatmaps,
                           overlay=args.overlays, mask=args.masks, batch_size=args.batch_size, device=args.device,
-                          overlay_size=args.overlay_size)
+                          overlay_size=args.overlay_size, runtime=args.runtime,
+                          calibration_data=_calibration_images(args))
     verdict = f"{s['defects']} defect(s)" if s["calibrated"] else "no verdict (model not calibrated)"
     print(f"scored {s['scored']} image(s): {verdict}; skipped {s['skipped']} unreadable -> {s['csv']}")
     if s["defects"]:
@@ -201,6 +226,33 @@ def cmd_distill_teacher(args) -> int:
     return 0
 
 
+# -- advise (choosing a method from measured results) ------------------------------------------
+def cmd_advise(args) -> int:
+    from .deploy.advise import Constraints, advise, read_results_file
+
+    constraints = Constraints(max_latency_ms=args.max_latency_ms, max_memory_mb=args.max_memory_mb,
+                              multi_class=args.multi_class, no_training_data=args.no_training_data,
+                              shots=args.shots, pixel=args.pixel)
+    records, provenance = read_results_file(args.results) if args.results else (None, None)
+    print(advise(records, constraints, provenance=provenance).format(explain=args.explain))
+    return 0
+
+
+def _advise_parser(sub) -> None:
+    s = sub.add_parser("advise", help="rank the methods for your constraints from measured results (a bench's "
+                       "results.jsonl, or the built-in table of figures this repo measured), against the guide")
+    s.add_argument("results", nargs="?", metavar="RESULTS", help="a results.jsonl or a 'defectscope bench' --out "
+                   "directory (default: the built-in table, with the command that produced each figure)")
+    s.add_argument("--max-latency-ms", type=float, metavar="MS", help="batch-1 latency bound")
+    s.add_argument("--max-memory-mb", type=float, metavar="MB", help="peak memory bound (the run's peak RSS)")
+    s.add_argument("--multi-class", action="store_true", help="one model for all categories")
+    s.add_argument("--no-training-data", action="store_true", help="no training images (zero-shot)")
+    s.add_argument("--shots", type=int, metavar="N", help="only N normal training images (few-shot)")
+    s.add_argument("--pixel", action="store_true", help="an anomaly map is needed; rank by pixel AUROC")
+    s.add_argument("--explain", action="store_true", help="print the full reasoning per method")
+    s.set_defaults(func=cmd_advise)
+
+
 # -- parser ------------------------------------------------------------------------------------
 def _calibration_arguments(s) -> None:
     from .deploy.threshold import DEFAULT_FPR
@@ -256,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-train", type=int, default=200, help="normal training images per category (default 200)")
     s.add_argument("--categories", help="comma-separated subset of the synthetic categories")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--defect-px", type=float, default=None, metavar="PX",
+                   help="defects of at most PX pixels whatever --size (default: they scale with the image); "
+                        "e.g. --size 1024 --defect-px 16 for a tiling test set")
     s.set_defaults(func=cmd_synth)
 
     spec_help = "data set: synthetic, mvtec:DIR, visa:DIR or folder:DIR"
@@ -305,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--masks", action="store_true", help="also write OUT/masks/*.png (defect pixels 255)")
     s.add_argument("--batch-size", type=int, default=8, help="images scored together (default 8)")
     s.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present)")
+    s.add_argument("--runtime", choices=("torch", "onnx", "openvino", "openvino-int8"), default="torch",
+                   help="what runs the model: torch (default), or its exported graph on onnx / openvino (FP32) / "
+                        "openvino-int8 (full INT8, quantized on first use on --calibration-data); exported once, "
+                        "cached in the model directory, checked against torch before use")
+    s.add_argument("--calibration-data", metavar="SPEC", help="openvino-int8, the first time: the data set whose "
+                   "normal training images calibrate the INT8 activation ranges (e.g. mvtec:/data/mvtec)")
+    s.add_argument("--category", help="category of --calibration-data")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("bench", help="compare methods side by side; writes OUT/results.jsonl and tables")
@@ -329,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare with PyTorch on these images (default: 4 generated ones)")
     s.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
     s.set_defaults(func=cmd_export)
+
+    _advise_parser(sub)
     return p
 
 

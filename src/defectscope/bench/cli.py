@@ -13,6 +13,7 @@ gets ``interrupted``, ``signal`` and ``cells_left``, and the exit code is 128 + 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import importlib.util
 import json
@@ -23,10 +24,10 @@ from pathlib import Path
 from ..arguments import parse_assignments, split_list
 from ..errors import DatasetError, DefectscopeError
 from ..report.tables import NUMERIC, blind_markdown, markdown_table, mean_rows, partial_markdown, planned_cell
-from .grid import Interrupted, cells_for, run_grid, stop_on_signals
+from .grid import Interrupted, cells_for, estimate_cell, run_grid, stop_on_signals
 
-__all__ = ["PRESETS", "NUMERIC", "add_bench_arguments", "bench_main", "blind_levels", "check_data", "command_line",
-           "mean_rows", "resolve_models"]
+__all__ = ["PRESETS", "NUMERIC", "LONG_RUN_S", "add_bench_arguments", "bench_main", "blind_levels", "check_data",
+           "command_line", "mean_rows", "print_plan", "resolve_models"]
 
 # Presets are model filters (:func:`defectscope.models.catalog.select_models`): names, patterns and
 # tag filters. A, B and C are the scenario presets of the benchmark guide (shared/seeds/003, section 5).
@@ -110,6 +111,9 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--latency-runs", type=int, default=50, metavar="N",
                    help="single-image predictions timed per cell (default 50, the protocol's minimum)")
     p.add_argument("--timeout", type=float, metavar="S", help="seconds a cell may run before it is stopped")
+    p.add_argument("--runtime", default="torch", metavar="R[,R...]",
+                   help="what runs each fitted model for evaluation and latency: torch (default), onnx, openvino, "
+                        "openvino-int8 (full INT8 calibrated on training images); several = one cell each")
     p.add_argument("--no-report", action="store_true", help="write the tables only, not the figures and report.html")
 
 
@@ -127,10 +131,11 @@ def resolve_models(preset: str | None, models: str | None, setting: str = "one-c
     return run, missing, [m for m in found if m not in run]
 
 
-def check_data(spec: str, categories: list[str] | None) -> list[str]:
-    """The categories to run for ``spec``, after opening each one's train and test split once
-    (which also generates the synthetic set before any cell needs it). A missing or malformed
-    data set raises one :class:`DatasetError` that shows the expected layout."""
+def check_data(spec: str, categories: list[str] | None) -> dict[str, tuple[int, int]]:
+    """The categories to run for ``spec`` with their image counts, ``{category: (n_train,
+    n_test)}``, after opening each one's train and test split once (which also generates the
+    synthetic set before any cell needs it). A missing or malformed data set raises one
+    :class:`DatasetError` that shows the expected layout."""
     from ..data import list_categories, load_dataset, parse_spec
 
     kind, _ = parse_spec(spec)
@@ -139,16 +144,24 @@ def check_data(spec: str, categories: list[str] | None) -> list[str]:
         cats = categories or found
         if not cats:
             raise DatasetError(f"no category found in data set {spec}")
-        for cat in cats:
-            for split in ("train", "test"):
-                load_dataset(spec, cat, split)
+        counts = {cat: (len(load_dataset(spec, cat, "train")), len(load_dataset(spec, cat, "test"))) for cat in cats}
     except DatasetError as e:
         text = str(e)
         layout = _layout(kind)
         if layout and "layout" not in text:
             text = f"{text}\n{layout}"
         raise DatasetError(text) from None
-    return cats
+    return counts
+
+
+def _runtimes(spec: str | None) -> list[str]:
+    from ..deploy.runtime import RUNTIMES
+
+    names = split_list(spec) or ["torch"]
+    bad = [n for n in names if n not in RUNTIMES]
+    if bad:
+        raise DefectscopeError(f"--runtime {','.join(bad)}: unknown; use one or more of {', '.join(RUNTIMES)}")
+    return list(dict.fromkeys(names))
 
 
 def blind_levels(setting: str | None, contamination: str | None) -> tuple[str, list[float | None]]:
@@ -203,7 +216,9 @@ def command_line(args) -> str:
                         ("--backend", args.backend if args.backend != "local" else None),
                         ("--ray-address", args.ray_address),
                         ("--latency-runs", args.latency_runs if args.latency_runs != 50 else None),
-                        ("--timeout", args.timeout)):
+                        ("--timeout", args.timeout),
+                        ("--runtime", getattr(args, "runtime", None) if getattr(args, "runtime", "torch") != "torch"
+                         else None)):
         if value is not None:
             words += [flag, str(value)]
     if args.mlflow is not None:
@@ -245,9 +260,14 @@ def bench_main(args) -> int:
     params = {m: get_model_class(m).convert_params(p) for m, p in params.items()}
     if args.backend == "ray" and importlib.util.find_spec("ray") is None:
         raise DefectscopeError("--backend ray needs Ray: pip install 'defectscope[ray]'")
-    categories = check_data(args.data, split_list(args.categories))
+    counts = check_data(args.data, split_list(args.categories))
+    categories = list(counts)
     seeds = [int(s) for s in split_list(args.seeds)] or [0]
     cells = cells_for(run, args.data, categories, seeds, params, setting, levels, shots)
+    runtimes = _runtimes(getattr(args, "runtime", None))
+    if runtimes != ["torch"]:
+        cells = [dataclasses.replace(c, runtime=r) for c in cells for r in runtimes]
+    estimates = {c.key: estimate_cell(c, counts, args.latency_runs) for c in cells}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": command_line(args),
@@ -257,8 +277,9 @@ def bench_main(args) -> int:
             "jobs": args.jobs or (1 if args.backend == "local" else None), "backend": args.backend,
             "latency_runs": args.latency_runs, "resume": bool(args.resume), "finished": None,
             "planned": len(cells),
-            "planned_cells": [planned_cell(c.model, c.category, c.setting, c.seed, c.contamination, c.shots,
-                                           c.categories, key=c.key, cell_id=c.cell_id) for c in cells]}
+            "planned_cells": [{**planned_cell(c.model, c.category, c.setting, c.seed, c.contamination, c.shots,
+                                              c.categories, key=c.key, cell_id=c.cell_id),
+                               "estimated_s": estimates[c.key], "runtime": c.runtime} for c in cells]}
     _write_meta(out, meta)
     tracker = None
     if args.mlflow is not None:
@@ -268,6 +289,7 @@ def bench_main(args) -> int:
     print(f"{len(cells)} cell(s): {', '.join(run)} x {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} "
           f"x {len(seeds)} seed(s){'' if setting == 'one-class' else f' x {len(shots or levels)} level(s), setting {setting}'} "
           f"-> {out / 'results.jsonl'}")
+    print_plan(cells, estimates, _done_keys(out) if args.resume else set(), args.jobs or 1)
     t0 = time.perf_counter()
 
     def show(rec):
@@ -277,7 +299,8 @@ def bench_main(args) -> int:
         where = "" if setting == "one-class" else f" {setting}" + (
             f" {rec.get('contamination'):g}" if isinstance(rec.get("contamination"), (int, float)) else "") + (
             f" {rec['shots']} shot(s)" if rec.get("shots") else "")
-        print(f"  {rec['model']:<12} {str(rec.get('category')):<12}{where} {status}", flush=True)
+        rt = "" if (rec.get("runtime") or "torch") == "torch" else f" [{rec['runtime']}]"
+        print(f"  {rec['model']:<12} {str(rec.get('category')):<12}{where}{rt} {status}", flush=True)
         if tracker:
             tracker.log_cell(rec)
 
@@ -286,7 +309,7 @@ def bench_main(args) -> int:
         with stop_on_signals():  # SIGINT / SIGTERM: the grid stops its workers and cleans up, we report
             records = run_grid(cells, out, resume=args.resume, threads=args.threads, on_result=show, jobs=args.jobs,
                                backend=args.backend, ray_address=args.ray_address, n_latency=args.latency_runs,
-                               timeout=args.timeout)
+                               timeout=args.timeout, estimates=estimates)
     except Interrupted as e:
         stopped = e
         if tracker:
@@ -342,6 +365,42 @@ def bench_main(args) -> int:
               f"continue with: {command_line(args)} --resume", flush=True)
         return stopped.exit_code
     return 1 if any(r.get("error") for r in records) else 0
+
+
+#: Above this estimated time the bench warns before it starts.
+LONG_RUN_S = 3600.0
+
+
+def print_plan(cells, estimates: dict[str, float | None], done: set[str], jobs: int = 1) -> float:
+    """Print the planned cells (per method: its categories and its estimated time) and the
+    estimated total, with a warning when it is over :data:`LONG_RUN_S`; return the total (seconds,
+    of the cells still to run, divided among ``jobs``)."""
+    from ..models.cost import REFERENCE_CPU, human_seconds
+
+    todo = [c for c in cells if c.key not in done]
+    by_model: dict[str, list] = {}
+    for c in todo:
+        by_model.setdefault(c.model, []).append(c)
+    unknown = sorted({c.model for c in todo if estimates.get(c.key) is None})
+    total = sum(estimates.get(c.key) or 0.0 for c in todo) / max(1, min(jobs, len(todo) or 1))
+    head = f"planned: {len(todo)} cell(s)" + (f" ({len(cells) - len(todo)} already done)" if done else "")
+    print(f"{head}, estimated {human_seconds(total)} on the reference CPU ({REFERENCE_CPU})"
+          + (f" with {jobs} jobs" if jobs > 1 else "") + (f"; no estimate for {', '.join(unknown)}" if unknown else ""))
+    for model, cs in by_model.items():
+        where = sorted({c.category or ", ".join(c.categories) for c in cs})
+        est = sum(estimates.get(c.key) or 0.0 for c in cs)
+        print(f"  {model:<20} {len(cs)} cell(s): {', '.join(where)}; ~{human_seconds(est) if est else '?'}")
+    if total > LONG_RUN_S:
+        print(f"warning: the estimate is over an hour ({human_seconds(total)}). Shorter runs: the quick "
+              "benchmark (no --models/--preset), fewer --categories, or shorter training "
+              "(--param MODEL.epochs=N); 'defectscope models' shows each method's cost.", flush=True)
+    return total
+
+
+def _done_keys(out: Path) -> set[str]:
+    from ..engine.record import read_results
+
+    return {r.get("cell_key") for r in read_results(out) if r.get("cell_key")}
 
 
 def _write_meta(out: Path, meta: dict) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from ..progress import progress
+from ..progress import WeightedProgress
 
 from ..engine.record import RESULTS, ResultRecord, append_result, read_results
 from ..errors import DefectscopeError
@@ -56,6 +56,7 @@ class Cell:
     contamination: float | None = None  # blind-mix: fraction of the anomalous test images trained on
     shots: int | None = None  # few-shot: normal training images
     categories: tuple = ()  # multi-class: the categories whose union is learnt
+    runtime: str = "torch"  # what runs the fitted model (defectscope.deploy.runtime.RUNTIMES)
 
     @property
     def setting_key(self) -> list:
@@ -72,8 +73,9 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return json.dumps([self.model, self.data, self.category, self.seed, list(self.params)] + self.setting_key,
-                          sort_keys=True)
+        extra = [] if self.runtime == "torch" else [{"runtime": self.runtime}]  # torch keys stay as before
+        return json.dumps([self.model, self.data, self.category, self.seed, list(self.params)] + self.setting_key
+                          + extra, sort_keys=True)
 
     @property
     def cell_id(self) -> str:
@@ -83,19 +85,51 @@ class Cell:
         if self.setting != "one-class":
             tail = f"_{self.setting}" + ("" if self.contamination is None else f"{self.contamination:g}") + (
                 "" if self.shots is None else f"{self.shots}")
+        if self.runtime != "torch":
+            tail += f"_{self.runtime}"
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self.model}_{kind}_{self.category or 'all'}_s{self.seed}{tail}")
         return f"{name[:80]}_{hashlib.sha1(self.key.encode()).hexdigest()[:8]}"
 
     def to_json(self) -> dict:
         return {"model": self.model, "data": self.data, "category": self.category, "seed": self.seed,
                 "params": [list(p) for p in self.params], "setting": self.setting,
-                "contamination": self.contamination, "shots": self.shots, "categories": list(self.categories)}
+                "contamination": self.contamination, "shots": self.shots, "categories": list(self.categories),
+                "runtime": self.runtime}
 
     @classmethod
     def from_json(cls, d: dict) -> "Cell":
         return cls(d["model"], d["data"], d["category"], int(d["seed"]), tuple(tuple(p) for p in d["params"]),
                    d.get("setting") or "one-class", d.get("contamination"), d.get("shots"),
-                   tuple(d.get("categories") or ()))
+                   tuple(d.get("categories") or ()), d.get("runtime") or "torch")
+
+
+#: Seconds a cell spends besides fitting and predicting: a fresh interpreter importing torch and
+#: defectscope, opening the split, saving the model (measured on the reference CPU: a PaDiM cell
+#: of the quick benchmark takes about this much more than its fit and its predictions).
+CELL_OVERHEAD_S = 8.0
+
+
+def estimate_cell(cell: Cell, counts: dict[str, tuple[int, int]], n_latency: int = 50) -> float | None:
+    """Estimated seconds of ``cell`` on the reference CPU, from its method's declared cost
+    (:mod:`defectscope.models.cost`): the fit on its training images, its predictions on the test
+    images and the latency runs (``n_latency`` + 5 warm-up at batch 1, 4 batches of 16 for the
+    throughput), plus :data:`CELL_OVERHEAD_S`. ``counts``: ``{category: (n_train, n_test)}``.
+    None when the method declares no cost."""
+    from ..models import get_model_class
+
+    cls = get_model_class(cell.model)
+    params = dict(cell.params)
+    cats = cell.categories or (cell.category,)
+    n_train = sum(counts.get(c, (0, 0))[0] for c in cats)
+    n_test = sum(counts.get(c, (0, 0))[1] for c in cats)
+    if cell.shots is not None:
+        n_train = cell.shots
+    if cell.setting == "zero-shot":
+        n_train = 0
+    fit, pred = cls.estimate_fit(params, n_train), cls.estimate_predict(params)
+    if fit is None or pred is None:
+        return None
+    return CELL_OVERHEAD_S + fit + pred * (n_test + n_latency + 5 + 4 * 16)
 
 
 def record_key(rec: dict) -> str:
@@ -180,10 +214,24 @@ def execute_cell(cell: Cell, threads: int | None = None, artifacts_dir=None, n_l
             where = Path(artifacts_dir) / category if cell.setting == "multi-class" else Path(artifacts_dir)
             save_artifacts(where, predictions, test)
 
+    predictor = None
+    if cell.runtime != "torch":
+        def predictor(model, train):
+            """The fitted model on the cell's runtime; INT8 calibrated on up to 64 training images."""
+            from ..deploy.runtime import load_runtime
+
+            pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cell.seed))[:64]
+            images = torch.stack([train[int(i)]["image"] for i in pick]) if cell.runtime == "openvino-int8" else None
+            # the graph is loaded into the runtime's memory, so its file (hundreds of MB for PaDiM
+            # at 256 px) need not outlive the load
+            with tempfile.TemporaryDirectory(prefix="defectscope-runtime-") as cache:
+                return load_runtime(model, cell.runtime, calibration_images=images, cache_dir=cache)
+
     try:
         return run_experiments(cell.model, dict(cell.params), cell.data, cell.category, cell.seed,
                                setting=cell.setting, contamination=cell.contamination, shots=cell.shots,
-                               categories=list(cell.categories) or None, n_latency=n_latency, keep=keep)
+                               categories=list(cell.categories) or None, n_latency=n_latency, keep=keep,
+                               runtime=cell.runtime, predictor=predictor)
     except Exception as e:  # noqa: BLE001 - the row must record any failure
         rec: dict[str, Any] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
         try:
@@ -261,6 +309,10 @@ def _start(cell: Cell, threads: int | None, artifacts_dir, n_latency: int, timeo
             env["PYTHONPATH"] = os.pathsep.join([extra] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         if threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        if env.get("DEFECTSCOPE_PROGRESS", "auto").lower() != "off":
+            # the cell's own progress (epochs, steps) as plain lines once a minute: a bar of its own
+            # would fight the bench's line for the same terminal row
+            env["DEFECTSCOPE_PROGRESS"] = "lines"
         run = _Running(cell, None, tmp, result_file, time.perf_counter(), timeout)
         if running is not None:
             running.append(run)
@@ -444,14 +496,17 @@ def _cell_dir(out: Path, cell: Cell) -> Path:
 
 def run_grid(cells: Iterable[Cell], out_dir, resume: bool = False, threads: int | None = None,
              isolate: bool = True, on_result=None, jobs: int | None = None, backend: str = "local",
-             ray_address: str | None = None, n_latency: int = 50, timeout: float | None = None) -> list[dict]:
+             ray_address: str | None = None, n_latency: int = 50, timeout: float | None = None,
+             estimates: dict[str, float] | None = None) -> list[dict]:
     """Run every cell not already in ``OUT/results.jsonl`` (when ``resume``), appending each
     record as it finishes. Returns the records of this grid (old and new), in cell order.
 
     ``jobs``: cells at once (default 1 locally; for Ray, as many as the cluster schedules);
     ``threads``: torch threads per cell (default: the cores divided by ``jobs`` when jobs > 1,
     torch's default for one job, 1 for Ray, each Ray task then asking for ``threads`` CPUs); ``backend``: ``"local"`` or ``"ray"`` (``ray_address``: an
-    existing cluster, default a local instance); ``timeout``: seconds a cell may take.
+    existing cluster, default a local instance); ``timeout``: seconds a cell may take;
+    ``estimates``: each cell's estimated seconds by key (:func:`estimate_cell`), which weight the
+    progress line's ETA (equal weights without them).
     """
     if backend not in ("local", "ray"):
         raise DefectscopeError(f"unknown backend {backend!r}; use local or ray")
@@ -475,7 +530,10 @@ def run_grid(cells: Iterable[Cell], out_dir, resume: bool = False, threads: int 
         threads = max(1, available_cores() // jobs)
     elif threads is None and backend == "ray":
         threads = 1  # Ray's own convention for a task of one CPU; ask for more with threads=
-    bar = progress(total=len(todo), desc="bench", unit="cell", leave=True)
+    known = [e for e in ((estimates or {}).get(c.key) for c in todo) if e]
+    fill = sum(known) / len(known) if known else 1.0  # a cell of a method with no cost: the mean
+    weight = {c.key: (estimates or {}).get(c.key) or fill for c in todo}
+    bar = WeightedProgress([weight[c.key] for c in todo], desc="bench", unit="cell", calibrated=bool(known))
 
     def deliver(cell: Cell, recs: list, t0: float) -> None:
         finished = []
@@ -493,8 +551,7 @@ def run_grid(cells: Iterable[Cell], out_dir, resume: bool = False, threads: int 
             with tqdm.external_write_mode():
                 for rec in finished:
                     on_result(rec)
-        bar.set_postfix_str(f"{cell.model} {cell.category or ''}", refresh=False)
-        bar.update(1)
+        bar.done(weight[cell.key], f"{cell.model} {cell.category or ''}".strip())
 
     try:
         if backend == "ray":
@@ -529,5 +586,5 @@ def cells_for(models: list[str], data: str, categories: list[str | None], seeds:
     return [Cell(m, data, c, s, ps[m], setting, lvl) for m in models for c in categories for lvl in levels for s in seeds]
 
 
-__all__ = ["Cell", "Interrupted", "stop_on_signals", "sweep_stale_cell_dirs", "run_cell", "run_grid", "cells_for", "read_results", "append_result", "execute_cell",
+__all__ = ["Cell", "CELL_OVERHEAD_S", "estimate_cell", "Interrupted", "stop_on_signals", "sweep_stale_cell_dirs", "run_cell", "run_grid", "cells_for", "read_results", "append_result", "execute_cell",
            "available_cores", "RESULTS", "CELLS"]

@@ -21,6 +21,15 @@ Defect types (:data:`DEFECT_TYPES`), sizes given for 128 px images (they scale w
 * ``discolor``: a smooth intensity shift of 10-25 % (up or down) over a larger blob (radius 9-18 px)
   with a raised-cosine profile.
 
+High-resolution variant (``defect_px``): by default the defects scale with the image, as above.
+With ``defect_px=D`` they keep an absolute size instead, whatever the image size: each defect type's
+size range is scaled so that its largest extent (scratch length, blob diameter; nominally 45, 18,
+20 and 36 px at 128 px) is ``D`` px, so its extents fall in about ``[D/2, D]`` (scratches about
+``[0.4 D, D]``, at least 1 px wide). ``make_synthetic(out, image_size=1024, defect_px=16)`` makes the
+set of ``benchmarks/tiling.py``: 1024 px images with 8-16 px defects, which a plain resize to
+256 px shrinks to 2-4 px. The scenes and the random draws are the same as without ``defect_px``, and
+the default set (``defect_px=None``) is unchanged byte for byte (its manifest and cache key too).
+
 Masks are exact: a defect is applied to the rendered scene only inside its geometric support, and
 every pixel of that support is guaranteed to differ from the defect-free image after 8-bit
 quantisation (by at least :data:`MIN_STEP` grey levels; pixels the soft profile would change by
@@ -77,6 +86,9 @@ MIN_STEP = 4
 GENERATOR_VERSION = 1
 #: The manifest file written (last) at the root of a generated set.
 MANIFEST = "synthetic.json"
+#: The largest extent (px) of each defect type at the 128 px reference size: scratch length,
+#: stain / missing / discolor blob diameter (``defect_px`` scales these to its own size).
+_MAX_EXTENT = {"scratch": 45.0, "stain": 18.0, "missing": 20.0, "discolor": 36.0}
 
 _SPLIT_IDS = {"train": 0, "test": 1}
 _TYPE_IDS = {"good": 0, **{t: i + 1 for i, t in enumerate(DEFECT_TYPES)}}
@@ -227,8 +239,7 @@ def _blob_distance(rng: np.random.Generator, S: int, center, r0: float) -> np.nd
     return rho / r
 
 
-def _scratch_coverage(rng: np.random.Generator, S: int, center) -> np.ndarray:
-    s = S / 128.0
+def _scratch_coverage(rng: np.random.Generator, S: int, center, s: float) -> np.ndarray:
     length = rng.uniform(18, 45) * s
     width = max(rng.uniform(1.0, 3.0) * s, 1.0)
     ang = rng.uniform(0, np.pi)
@@ -266,16 +277,17 @@ def _pick_center(rng: np.random.Generator, scene: _Scene, S: int) -> Tuple[float
     return rng.uniform(m, S - m), rng.uniform(m, S - m)
 
 
-def _apply_defect(rng: np.random.Generator, scene: _Scene, kind: str, S: int):
-    """The defective albedo and the defect's geometric support (bool [S, S])."""
-    s = S / 128.0
+def _apply_defect(rng: np.random.Generator, scene: _Scene, kind: str, S: int, defect_px: Optional[float] = None):
+    """The defective albedo and the defect's geometric support (bool [S, S]). The defect's sizes
+    scale with the image (``S / 128``), or with ``defect_px / _MAX_EXTENT[kind]`` when given."""
+    s = S / 128.0 if defect_px is None else float(defect_px) / _MAX_EXTENT.get(kind, 1.0)
     a = scene.albedo
     part = scene.part
     min_area = max(6.0 * s * s, 3.0)
     for _attempt in range(50):
         c = _pick_center(rng, scene, S)
         if kind == "scratch":
-            cov = _scratch_coverage(rng, S, c) * part
+            cov = _scratch_coverage(rng, S, c, s) * part
             delta = (1 if rng.random() < 0.6 else -1) * rng.uniform(0.25, 0.4)
             new = a + delta * cov
             support = cov > 0
@@ -345,7 +357,7 @@ def _enforce(q0: np.ndarray, q1: np.ndarray, f0: np.ndarray, f1: np.ndarray,
 
 
 def _check_args(category: str, defect_type: Optional[str], split: str, image_size: int,
-                channels: int, seed: int) -> None:
+                channels: int, seed: int, defect_px: Optional[float] = None) -> None:
     if category not in _RENDERERS:
         raise ValueError(f"unknown synthetic category {category!r}; use one of {SYNTHETIC_CATEGORIES}")
     if defect_type is not None and defect_type not in DEFECT_TYPES:
@@ -358,6 +370,10 @@ def _check_args(category: str, defect_type: Optional[str], split: str, image_siz
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if defect_px is not None and (isinstance(defect_px, bool) or not isinstance(defect_px, (int, float, np.number))
+                                  or not 2 <= defect_px <= image_size / 4):
+        raise ValueError(f"defect_px must be a number in [2, image_size / 4 = {image_size / 4:g}] or None, "
+                         f"got {defect_px!r}")
 
 
 def render_pair(
@@ -369,6 +385,7 @@ def render_pair(
     split: str = "test",
     image_size: int = 128,
     channels: int = 1,
+    defect_px: Optional[float] = None,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic image with and without its defect: ``(clean, image, mask)``.
 
@@ -376,8 +393,9 @@ def render_pair(
     bool ``[S, S]``, exactly the pixels where ``image`` differs from ``clean``. With
     ``defect_type=None`` ``image`` is ``clean`` and the mask is empty. The image
     ``make_synthetic`` writes as ``<split>/<defect_type or good>/<index>.png`` is this ``image``.
+    ``defect_px``: the defects' largest extent in px, whatever the image size (see the module doc).
     """
-    _check_args(category, defect_type, split, image_size, channels, seed)
+    _check_args(category, defect_type, split, image_size, channels, seed, defect_px)
     key = [int(seed), _cat_id(category), _SPLIT_IDS[split], _TYPE_IDS[defect_type or "good"],
            int(index)]
     scene = _RENDERERS[category](np.random.default_rng(key + [0]), int(image_size))
@@ -386,7 +404,7 @@ def render_pair(
     if defect_type is None:
         return q0, q0.copy(), np.zeros(q0.shape[:2], dtype=bool)
     albedo, support = _apply_defect(np.random.default_rng(key + [1]), scene, defect_type,
-                                    int(image_size))
+                                    int(image_size), defect_px)
     f1 = _finish(scene, albedo, channels)
     q1 = _enforce(q0, _quantize(f1), f0, f1, support)
     changed = q1 != q0 if q1.ndim == 2 else (q1 != q0).any(axis=-1)
@@ -407,14 +425,16 @@ def synthetic_params(
     n_test_good: int = 40,
     n_test_defect: int = 10,
     seed: int = 0,
+    defect_px: Optional[float] = None,
 ) -> Dict[str, object]:
-    """The normalised parameter dict of a synthetic set (what the manifest records)."""
+    """The normalised parameter dict of a synthetic set (what the manifest records; ``defect_px``
+    only when set, so the default set's manifest and cache key are unchanged)."""
     cats = list(SYNTHETIC_CATEGORIES if categories is None else
                 ([categories] if isinstance(categories, str) else categories))
     if not cats:
         raise ValueError("categories must not be empty")
     for c in cats:
-        _check_args(c, None, "train", image_size, channels, seed)
+        _check_args(c, None, "train", image_size, channels, seed, defect_px)
     if len(set(cats)) != len(cats):
         raise ValueError(f"duplicate categories in {cats}")
     for name, n in (("n_train", n_train), ("n_test_good", n_test_good),
@@ -423,7 +443,7 @@ def synthetic_params(
             raise ValueError(f"{name} must be a non-negative int, got {n!r}")
     if n_train < 1:
         raise ValueError("n_train must be at least 1")
-    return {
+    params: Dict[str, object] = {
         "generator_version": GENERATOR_VERSION,
         "categories": cats,
         "defect_types": list(DEFECT_TYPES),
@@ -434,6 +454,9 @@ def synthetic_params(
         "n_test_defect": int(n_test_defect),
         "seed": int(seed),
     }
+    if defect_px is not None:
+        params["defect_px"] = float(defect_px)
+    return params
 
 
 def _name(i: int, n: int) -> str:
@@ -494,6 +517,7 @@ def make_synthetic(
     n_test_defect: int = 10,
     seed: int = 0,
     progress: bool = True,
+    defect_px: Optional[float] = None,
 ) -> Path:
     """Write the synthetic set in the MVTec layout under ``out_dir`` and return ``out_dir``.
 
@@ -501,10 +525,11 @@ def make_synthetic(
     same parameters (its ``synthetic.json`` manifest matches and the files are all there), nothing
     is written. Otherwise the category folders are (re)written and the manifest is written last, so
     an interrupted run is regenerated next time. Existing category folders that hold anything other
-    than ``train``/``test``/``ground_truth`` are not touched (:class:`DatasetError`).
+    than ``train``/``test``/``ground_truth`` are not touched (:class:`DatasetError`). ``defect_px``:
+    defects of an absolute size (the high-resolution variant, see the module docstring).
     """
     params = synthetic_params(categories, image_size, channels, n_train, n_test_good,
-                              n_test_defect, seed)
+                              n_test_defect, seed, defect_px)
     root = Path(out_dir).expanduser()
     if _is_complete(root, params):
         return root
@@ -533,7 +558,7 @@ def make_synthetic(
                     gt_dir.mkdir(parents=True, exist_ok=True)
                 for i in range(n):
                     _, img, mask = render_pair(cat, dtype, index=i, seed=seed, split=split,
-                                               image_size=image_size, channels=channels)
+                                               image_size=image_size, channels=channels, defect_px=defect_px)
                     stem = _name(i, n)
                     _save_png(img, img_dir / f"{stem}.png")
                     if gt_dir is not None:

@@ -7,7 +7,11 @@ What is exported is one graph, from the image to the decision::
                                                 (:func:`defectscope.data.transforms.resize_image`),
                                                 as two dense matrix products built in the graph
       -> the model's own ``_predict``            input normalisation (ImageNet or the backbone's
-                                                mean/std) is inside the model, then the method
+                                                mean/std) is inside the model, then the method;
+                                                with tiling (``tile_from``), the resized image is
+                                                cut into tiles inside the graph, the tiles go
+                                                through ``_predict`` as one batch and their maps
+                                                are stitched back (``AnomalyModel._infer``)
       -> score normalisation and thresholds     :class:`defectscope.deploy.Calibration`, when the
                                                 model was calibrated
 
@@ -111,7 +115,7 @@ class InferenceGraph(nn.Module):
         super().__init__()
         self.model = model
         self.resize = bool(resize)
-        self.size = int(model.image_size)
+        self.size = int(model.input_size)  # tile_from when tiling
         cal = getattr(model, "calibration", None)
         self.calibration = cal
         names = ["score"]
@@ -134,7 +138,7 @@ class InferenceGraph(nn.Module):
     def forward(self, images: torch.Tensor):
         from .threshold import normalize
 
-        pred = self.model._predict(self.preprocess(images))
+        pred = self.model._infer(self.preprocess(images))  # _predict, through tiles when tiling
         score = pred.score.float()
         out = {"score": score}
         cal = self.calibration
@@ -211,7 +215,7 @@ def _translation_table() -> dict:
 def _example(model, batch: int, resize: bool, extra: tuple = (3, 5)) -> torch.Tensor:
     """Random images; with ``resize``, ``H != W != S`` (equal example sizes would be traced as one
     symbol, and the graph would then demand square inputs)."""
-    s = model.image_size
+    s = model.input_size
     h, w = (s + extra[0], s + extra[1]) if resize else (s, s)
     gen = torch.Generator().manual_seed(sum(extra))
     return torch.rand(batch, model.channels, h, w, generator=gen)
@@ -250,25 +254,27 @@ def _generalises(onnx_file: Path, graph: InferenceGraph, resize: bool) -> bool:
                for n, w in zip(graph.output_names, want) if w.dtype != torch.bool)
 
 
-def _metadata(model, graph: InferenceGraph, batch, fmt: str, int8: bool) -> dict:
+def _metadata(model, graph: InferenceGraph, batch, fmt: str, int8: bool, full_int8: bool = False) -> dict:
     from ..models.io import versions
 
     cal = graph.calibration
+    s = model.input_size
     return {
         "model": model.name,
         "params": model.params,
         "input": {"name": "images", "shape": ["batch" if batch == "dynamic" else batch, model.channels,
-                                              "H" if graph.resize else model.image_size,
-                                              "W" if graph.resize else model.image_size],
+                                              "H" if graph.resize else s,
+                                              "W" if graph.resize else s],
                   "dtype": "float32", "value_range": [0.0, 1.0],
                   "channels": "RGB" if model.channels == 3 else "grayscale",
-                  "resize": f"in the graph to {model.image_size}x{model.image_size}, bilinear antialiased"
-                  if graph.resize else f"none: feed {model.image_size}x{model.image_size} images"},
+                  "resize": f"in the graph to {s}x{s}, bilinear antialiased"
+                  if graph.resize else f"none: feed {s}x{s} images"},
         "outputs": list(graph.output_names),
         "batch": batch,
         "calibration": cal.to_dict() if cal is not None else None,
         "format": fmt,
-        "int8_weights": bool(int8),
+        "int8_weights": bool(int8) or full_int8,
+        "int8_activations": full_int8,
         "versions": versions(),
     }
 
@@ -304,13 +310,22 @@ def _set_onnx_metadata(src: Path, out: Path, meta: dict) -> None:
     os.replace(tmp, out)
 
 
-def _write_openvino(onnx_file: Path, out: Path, meta: dict, int8: bool) -> None:
+def _write_openvino(onnx_file: Path, out: Path, meta: dict, int8: bool, quantize=None) -> None:
     ov = _require("openvino", "openvino")
     try:
         ov_model = ov.convert_model(str(onnx_file))
     except Exception as e:
         raise ExportError(f"OpenVINO cannot convert the ONNX graph of {meta['model']!r} ({_one_line(e)})") from None
-    if int8:
+    if quantize is not None:
+        nncf = _require("nncf", "openvino")
+        x = np.ascontiguousarray(quantize.detach().cpu().numpy(), dtype=np.float32)
+        samples = [x[i:i + 1] for i in range(x.shape[0])]
+        try:
+            with _quiet():  # weights and activations: NNCF's default post-training quantization
+                ov_model = nncf.quantize(ov_model, nncf.Dataset(samples), subset_size=len(samples))
+        except Exception as e:
+            raise ExportError(f"NNCF cannot quantize the graph of {meta['model']!r} ({_one_line(e)})") from None
+    elif int8:
         nncf = _require("nncf", "openvino")
         with _quiet():
             ov_model = nncf.compress_weights(ov_model)  # INT8 asymmetric, per output channel
@@ -319,7 +334,8 @@ def _write_openvino(onnx_file: Path, out: Path, meta: dict, int8: bool) -> None:
 
 
 def export_model(model, out, format: str = "onnx", *, int8: bool = False, resize: bool = True,
-                 check: Union[bool, Sequence, torch.Tensor] = True, optimize: bool = True) -> ExportReport:
+                 check: Union[bool, Sequence, torch.Tensor] = True, optimize: bool = True,
+                 quantize: Optional[torch.Tensor] = None) -> ExportReport:
     """Export ``model`` (a fitted model or a model directory) to ``out``.
 
     ``format``: ``"onnx"`` (``out`` gets ``.onnx``) or ``"openvino"`` (``out`` gets ``.xml``, with
@@ -328,7 +344,11 @@ def export_model(model, out, format: str = "onnx", *, int8: bool = False, resize
     compares the exported file with PyTorch on :func:`check_images` (4 deterministic images);
     a tensor ``[N, C, H, W]`` or a list of image paths compares on those; ``False`` skips it.
     ``optimize``: run the ONNX optimizer of the exporter (constant folding, fusions; slower export,
-    same numbers; the runtimes optimize the graph again when they load it).
+    same numbers; the runtimes optimize the graph again when they load it). ``quantize``: OpenVINO
+    only, full INT8 (weights *and* activations) by NNCF's post-training quantization
+    (``nncf.quantize``, its default preset), its activation ranges calibrated on these images
+    ``[N, C, H, W]``, which must be normal training images (never the test set), at the graph's
+    input size.
     """
     from ..models.base import AnomalyModel
     from ..models.io import load_model
@@ -336,8 +356,8 @@ def export_model(model, out, format: str = "onnx", *, int8: bool = False, resize
     fmt = str(format).lower()
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
-    if int8 and fmt != "openvino":
-        raise ExportError("INT8 weight compression is available with --format openvino only")
+    if (int8 or quantize is not None) and fmt != "openvino":
+        raise ExportError("INT8 is available with --format openvino only")
     if not isinstance(model, AnomalyModel):
         model = load_model(model)
     if not model.fitted:
@@ -357,7 +377,7 @@ def export_model(model, out, format: str = "onnx", *, int8: bool = False, resize
         onnx_file = Path(tmp) / "model.onnx"
         for batch in ("dynamic", 1):  # a dynamic batch where the method allows it, else batch 1
             ep = _trace(graph, resize, batch)
-            meta = _metadata(model, graph, batch, fmt, int8)
+            meta = _metadata(model, graph, batch, fmt, int8, quantize is not None)
             _write_onnx(ep, _example(model, 2 if batch == "dynamic" else 1, resize), onnx_file,
                         graph.output_names, {**meta, "format": "onnx"}, optimize)
             if batch == 1 or _generalises(onnx_file, graph, resize):
@@ -366,12 +386,12 @@ def export_model(model, out, format: str = "onnx", *, int8: bool = False, resize
             _set_onnx_metadata(onnx_file, out, meta)
             size = out.stat().st_size
         else:
-            _write_openvino(onnx_file, out, meta, int8)
+            _write_openvino(onnx_file, out, meta, int8, quantize)
             size = out.stat().st_size + out.with_suffix(".bin").stat().st_size
     notes = [] if graph.calibration is not None else [
         "the model is not calibrated: only raw scores/maps are exported (calibrate it for a verdict)"]
     report = ExportReport(path=out, format=fmt, model=model.name, outputs=graph.output_names, batch=batch,
-                          resize=bool(resize), int8=bool(int8), calibrated=graph.calibration is not None,
+                          resize=bool(resize), int8=bool(int8) or quantize is not None, calibrated=graph.calibration is not None,
                           size_mb=size / 2**20, notes=notes)
     if check is not False:
         images = check_images(model, None if check is True else check, resize=resize)
@@ -457,9 +477,9 @@ def check_images(model, images=None, n: int = 4, resize: bool = True) -> torch.T
     if images is not None:
         tensors = [read_image(p, model.channels) for p in images]
         if not resize or len({tuple(t.shape) for t in tensors}) > 1:
-            tensors = [resize_image(t, model.image_size) for t in tensors]
+            tensors = [resize_image(t, model.input_size) for t in tensors]
         return torch.stack(tensors)
-    side = model.image_size * 3 // 2 if resize else model.image_size
+    side = model.input_size * 3 // 2 if resize else model.input_size
     gen = torch.Generator().manual_seed(0)
     coarse = torch.rand(n, model.channels, 8, 8, generator=gen)
     smooth = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)

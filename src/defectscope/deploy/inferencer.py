@@ -194,9 +194,14 @@ class Inferencer:
         device: ``"cpu"``, ``"cuda"``...; default: CUDA when present, else CPU.
         warmup: run one blank image through the model at load time (fills lazy caches, so the
             first real request is not slower).
+        runtime: ``torch`` (the model's own predict), ``onnx``, ``openvino`` or ``openvino-int8``
+            (its exported graph, cached in the model directory and checked against PyTorch: see
+            :mod:`defectscope.deploy.runtime`); ``calibration_images``: normal training images for
+            a first ``openvino-int8`` quantization.
     """
 
-    def __init__(self, model, device: str | None = None, warmup: bool = True) -> None:
+    def __init__(self, model, device: str | None = None, warmup: bool = True, runtime: str = "torch",
+                 calibration_images=None) -> None:
         from ..training import auto_device
         from ..models.base import AnomalyModel
         from ..models.io import load_model
@@ -209,16 +214,25 @@ class Inferencer:
         else:
             self.model = load_model(model).to(dev).eval()  # loaded on the CPU, then moved whole
         self.source = None if isinstance(model, AnomalyModel) else str(model)
-        self.preprocess = Preprocess(self.model.image_size, self.model.channels)
+        self.preprocess = Preprocess(self.model.input_size, self.model.channels)  # tile_from when tiling
         self.calibration = self.model.calibration
         warn_if_uncalibrated(self.model, self.source, stacklevel=2)
+        self.runtime = None
+        if runtime != "torch":
+            from .runtime import load_runtime
+
+            if dev.type != "cpu":
+                raise DefectscopeError(f"runtime {runtime} runs on the CPU; leave --device out or use runtime torch")
+            self.runtime = load_runtime(self.model, runtime, model_dir=self.source,
+                                        calibration_images=calibration_images)
         self._lock = threading.Lock()
         if warmup:
             self.predict(torch.zeros(self.model.channels, *self.preprocess.image_size))
 
     def __repr__(self) -> str:
         cal = self.calibration.describe() if self.calibration else "not calibrated"
-        return f"Inferencer({self.model.name}, {self.preprocess.image_size}, {cal})"
+        rt = f", runtime {self.runtime.name}" if self.runtime is not None else ""
+        return f"Inferencer({self.model.name}, {self.preprocess.image_size}, {cal}{rt})"
 
     # -- inputs -----------------------------------------------------------------------------------
     def load(self, x: Any) -> tuple[torch.Tensor, tuple, Optional[str]]:
@@ -255,6 +269,8 @@ class Inferencer:
     # -- scoring ----------------------------------------------------------------------------------
     def predict_tensor(self, images: torch.Tensor) -> list[Result]:
         """Score preprocessed images ``[B, C, H, W]`` (the model's size and channels)."""
+        if self.runtime is not None:
+            return self._from_graph(self.runtime.run(images))
         with self._lock:
             pred = self.model.predict(images)
         cal = self.calibration
@@ -270,6 +286,20 @@ class Inferencer:
                        anomaly_map=None if amap is None else amap[i],
                        normalized_map=None if nmap is None else nmap[i],
                        mask=None if mask is None else mask[i]) for i in range(len(score))]
+
+    def _from_graph(self, out: dict) -> list[Result]:
+        """Results from the outputs of an exported graph (the calibration is inside it)."""
+        n = len(out["score"])
+
+        def get(key, i, cast=None):
+            if key not in out:
+                return None
+            v = out[key][i]
+            return cast(v) if cast else v
+
+        return [Result(score=float(out["score"][i]), normalized=get("normalized", i, float),
+                       defect=get("defect", i, bool), anomaly_map=get("anomaly_map", i),
+                       normalized_map=get("normalized_map", i), mask=get("mask", i)) for i in range(n)]
 
     def predict(self, x: Any, keep_inputs=False):
         """Score one image (a :class:`Result`) or a batch (a list of them); see the module doc.

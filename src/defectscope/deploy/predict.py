@@ -77,7 +77,7 @@ def _png(folder: Path, row: int, source: str, pixels: np.ndarray) -> None:
 
 def predict_paths(model, paths: Iterable, out_dir="predictions", *, heatmap: bool = False, overlay: bool = False,
                   mask: bool = False, batch_size: int = 8, device: str | None = None,
-                  overlay_size: str = "input") -> dict:
+                  overlay_size: str = "input", runtime: str = "torch", calibration_data=None) -> dict:
     """Score every image under ``paths`` with ``model`` (a model directory or an :class:`Inferencer`).
 
     ``paths`` may be any iterable (a generator is consumed lazily; lists and tuples are counted
@@ -86,7 +86,9 @@ def predict_paths(model, paths: Iterable, out_dir="predictions", *, heatmap: boo
     verdict (and no masks), after one :class:`~defectscope.deploy.UncalibratedWarning`
     (``defectscope fit`` calibrates; ``defectscope calibrate`` for other models). Overlays carry
     the score, the verdict and a colour bar, at the input image's size (``overlay_size="model"``:
-    at the model's input size). Returns ``{"scored", "defects", "skipped", "calibrated", "csv"}``.
+    at the model's input size). ``runtime``, ``calibration_data`` (normal training images for a
+    first INT8 quantization): see :class:`Inferencer`. Returns ``{"scored",
+    "defects", "skipped", "calibrated", "csv"}``.
     """
     from ..report.visual import annotated_overlay, colorize
 
@@ -94,7 +96,8 @@ def predict_paths(model, paths: Iterable, out_dir="predictions", *, heatmap: boo
         raise DefectscopeError(f"overlay size must be 'input' or 'model', got {overlay_size!r}")
     if batch_size < 1:
         raise DefectscopeError(f"batch size must be >= 1, got {batch_size}")
-    inf = model if isinstance(model, Inferencer) else Inferencer(model, device=device, warmup=False)
+    inf = model if isinstance(model, Inferencer) else Inferencer(model, device=device, warmup=False, runtime=runtime,
+                                                                          calibration_images=calibration_data)
     calibrated = not warn_if_uncalibrated(inf.model, inf.source)  # once per model: the Inferencer may have said it
     total = None
     if isinstance(paths, (list, tuple)):

@@ -123,14 +123,18 @@ def run_experiments(model_name: str, params: dict | None = None, data: str = "sy
                     seed: int = 0, setting: str = "one-class", contamination: float | None = None,
                     shots: int | None = None, categories: list[str] | None = None, save_to=None,
                     measure: bool = True, n_latency: int = 50,
-                    keep: Callable[[str | None, dict, Any], None] | None = None) -> list[dict[str, Any]]:
+                    keep: Callable[[str | None, dict, Any], None] | None = None, runtime: str = "torch",
+                    predictor: Callable[[AnomalyModel, Any], Any] | None = None) -> list[dict[str, Any]]:
     """Build ``setting`` from ``data`` (:func:`defectscope.data.settings.load_split`), fit
     ``model_name`` once on its training side, evaluate it on each of its evaluation sets (one, or
     one per category in the multi-class setting), time it, and return one result record (a flat
     dict, :class:`~defectscope.engine.record.ResultRecord`) per evaluation set. Errors are raised
     (the benchmark catches them per cell). The split depends on ``seed`` and the data only, never
     on the model. ``keep(category, predictions, test_set)``: called with the raw predictions of each
-    evaluation set (the benchmark saves what its report draws).
+    evaluation set (the benchmark saves what its report draws). ``predictor(model, train)``: what
+    predicts once the model is fitted (anything with the model's ``predict``; the benchmark passes
+    an exported graph on another runtime, :mod:`defectscope.deploy.runtime`), recorded as
+    ``runtime``; the model itself by default.
     """
     params = dict(params or {})
     params.setdefault("seed", seed)
@@ -141,19 +145,20 @@ def run_experiments(model_name: str, params: dict | None = None, data: str = "sy
         raise DefectscopeError(f"{model.name} does not support the {setting} setting (its settings: "
                                f"{', '.join(sorted(model.tags.settings))})")
     split = load_split(data, category, setting, contamination=contamination, shots=shots, seed=seed,
-                       categories=categories, image_size=model.image_size, channels=model.channels)
+                       categories=categories, image_size=model.input_size, channels=model.channels)
     context = FitContext(setting=split.setting, categories=tuple(
         split.info.get("categories") or [t.category for t in split.tests.values()]))
     t0 = time.perf_counter()
     model.fit(split.train, context=context)
     fit_s = time.perf_counter() - t0
-    base = ResultRecord(model=model.name, params=dict(model.params), dataset=data.split(":", 1)[0], data=data,
+    runner = predictor(model, split.train) if predictor is not None else model
+    base = ResultRecord(runtime=runtime, model=model.name, params=dict(model.params), dataset=data.split(":", 1)[0], data=data,
                         setting=split.setting, contamination=split.info.get("contamination"),
                         shots=split.info.get("shots"), seed=seed, fit_s=fit_s)
     counts = {k: v for k, v in split.info.items() if k not in ("contamination", "shots", "categories")}
     records = []
     for cat, test in split.tests.items():
-        metrics, predictions = evaluate(model, test)
+        metrics, predictions = evaluate(runner, test)
         if len(set(predictions["labels"].tolist())) < 2:  # blind-ano: one class, image metrics undefined
             metrics.update({k: None for k in metrics if k.startswith("image_")})
         if keep is not None:
@@ -164,7 +169,7 @@ def run_experiments(model_name: str, params: dict | None = None, data: str = "sy
     first_test = next(iter(split.tests.values()))
     cost: dict[str, Any] = {}
     if measure:
-        cost.update(measure_speed(model, first_test[0]["image"], n_latency=n_latency))
+        cost.update(measure_speed(runner, first_test[0]["image"], n_latency=n_latency))
     tmp = None
     try:
         target = Path(save_to) if save_to else Path(tmp := tempfile.mkdtemp(prefix="defectscope-"))
@@ -187,7 +192,7 @@ def test_saved_model(model_dir, data: str = "synthetic", category: str | None = 
     from ..models.io import load_model
 
     model = load_model(model_dir)
-    test = load_dataset(data, category, "test", image_size=model.image_size, channels=model.channels)
+    test = load_dataset(data, category, "test", image_size=model.input_size, channels=model.channels)
     metrics, _ = evaluate(model, test)
     rec = ResultRecord(model=model.name, params=dict(model.params), dataset=data.split(":", 1)[0], data=data,
                        category=test.category, seed=model.params["seed"], metrics=metrics,

@@ -32,7 +32,8 @@ class ResultRecord:
     (few-shot), ``seed``. The split (``split``: training and test counts) and the metrics
     (``metrics``: the keys of :data:`METRIC_KEYS`, flattened into the dict). Cost: ``fit_s``,
     ``latency_ms``, ``throughput_ips``, ``peak_rss_mb``, ``model_mb``. Where: ``device``,
-    ``threads``, ``image_size``, ``versions``, ``hardware``. ``error`` (``None`` when it ran) and
+    ``threads``, ``runtime`` (what ran the fitted model: ``torch``, ``onnx``, ``openvino``,
+    ``openvino-int8``), ``image_size``, ``versions``, ``hardware``. ``error`` (``None`` when it ran) and
     its ``traceback``. ``run``: what the benchmark adds (cell key, wall time, artifacts folder,
     jobs, backend...), flattened as well.
     """
@@ -55,6 +56,7 @@ class ResultRecord:
     model_mb: float | None = None
     device: str | None = None
     threads: int | None = None
+    runtime: str = "torch"
     image_size: int | None = None
     versions: dict[str, str] | None = None
     hardware: dict[str, Any] | None = None

@@ -16,6 +16,23 @@ Example::
     model.fit(train_dataset)
     pred = model.predict(images)        # pred.score [B], pred.anomaly_map [B, H, W]
     model.save("out/sae"); model = load_model("out/sae")
+
+Tiling (every method, declared here once: ``tile_from``, ``tile_stride``, ``tile_merge``): with
+``tile_from=S`` the data is resized to ``S`` px (:attr:`AnomalyModel.input_size`) instead of
+``image_size``; :meth:`AnomalyModel.fit` cuts each training image into tiles of ``image_size`` px
+(:class:`~defectscope.ops.tiling.TiledDataset`: tiles are just more training images) and
+:meth:`AnomalyModel.predict` cuts the batch into tiles, runs the method's ``_predict`` on all the
+tiles as one batch and stitches the tile maps back to the whole image
+(:func:`~defectscope.ops.tiling.stitch_maps`, overlaps merged by ``tile_merge``). The image score
+is the maximum over the tiles of the method's own tile scores. For the methods whose score is the
+maximum of their map (PaDiM, STFPM, Reverse Distillation, EfficientAD, the autoencoders) that is
+exactly the maximum of the stitched map when tiles do not overlap (the default stride) or merge by
+``max``; with ``mean`` over overlaps it is the maximum before averaging. For the others
+(PatchCore's and PatchCluster's re-weighted nearest-neighbour score, SPADE's image-level k-NN,
+DFM's score of the whole feature map, FRE's summed error) and the image-only methods, it is the
+method's rule applied to each tile, then the maximum: an image is as anomalous as its most
+anomalous tile. A method may set ``score_from_map = True`` to get the
+maximum of the stitched map instead. The methods themselves are not aware of tiling.
 """
 
 from __future__ import annotations
@@ -29,7 +46,8 @@ from torch import nn
 from ..errors import DefectscopeError
 from ..training import seed_everything
 from .calibration import Calibration
-from .params import Param, Tags, check_params, collect
+from .cost import Cost, estimate_fit, estimate_predict
+from .params import Param, ParamError, Tags, check_params, collect
 
 __all__ = ["AnomalyModel", "FitContext", "Prediction", "register", "create_model", "list_models", "get_model_class",
            "MODELS"]
@@ -108,6 +126,21 @@ def list_models(**tags: Any) -> list[type["AnomalyModel"]]:
             if MODELS[k].tags.matches(**tags) and (family is None or MODELS[k].paradigm == family)]
 
 
+def _check_tiling(owner: str, p: dict[str, Any]) -> None:
+    """Refuse tiling parameters that do not fit together (each alone is checked by its Param)."""
+    if p.get("tile_from") is None:
+        if p.get("tile_stride") is not None:
+            raise ParamError(f"{owner}: tile_stride={p['tile_stride']} needs tile_from (the side images are "
+                             "cut from); set tile_from, or drop tile_stride")
+        return
+    if p["tile_from"] < p["image_size"]:
+        raise ParamError(f"{owner}: tile_from={p['tile_from']} is smaller than the tile (image_size="
+                         f"{p['image_size']}); use tile_from >= image_size, or none for no tiling")
+    if (p.get("tile_stride") or 0) > p["image_size"]:
+        raise ParamError(f"{owner}: tile_stride={p['tile_stride']} is larger than the tile (image_size="
+                         f"{p['image_size']}) and would leave pixels unseen; use tile_stride <= image_size")
+
+
 class AnomalyModel(nn.Module):
     """Base class of every method.
 
@@ -127,6 +160,8 @@ class AnomalyModel(nn.Module):
         tags: what it can do (:class:`Tags`).
         smoke: parameter values for the tiniest meaningful fit (seconds on a CPU), used by the
             conformance suite (``tests/test_conformance.py``) and nowhere else.
+        cost: what a fit and a prediction cost at the defaults on the reference CPU
+            (:class:`~defectscope.models.cost.Cost`, measured by ``benchmarks/costs.py``).
         param_specs, defaults, pixel_level: derived from the above when the class is created.
     """
 
@@ -142,13 +177,24 @@ class AnomalyModel(nn.Module):
         Param("device", "str", None, "torch device (cpu, cuda, cuda:1...); none = CUDA when present, else CPU",
               optional=True),
         Param("blur_sigma", "float", 4.0, "sigma of the Gaussian blur of the anomaly map (0 = none)", ge=0),
+        # tiling (see the module docstring and defectscope.ops.tiling)
+        Param("tile_from", "int", None, "tiling: images are resized to this side and cut into tiles of image_size "
+              "px; none = no tiling (images resized to image_size)", optional=True, ge=8),
+        Param("tile_stride", "int", None, "tiling: step between tiles in px (<= image_size; the last tile is shifted "
+              "to the border); none = image_size (no overlap)", optional=True, ge=1),
+        Param("tile_merge", "str", "mean", "tiling: how the maps of overlapping tiles are merged",
+              choices=("mean", "max")),
     )
     overrides: ClassVar[dict[str, Any]] = {}
     tags: ClassVar[Tags] = Tags()
     smoke: ClassVar[dict[str, Any]] = {}
+    cost: ClassVar[Cost | None] = None
     param_specs: ClassVar[dict[str, Param]] = {}
     defaults: ClassVar[dict[str, Any]] = {}
     pixel_level: ClassVar[bool] = True
+    #: Tiling: the image score of a tiled prediction is the maximum of the stitched map (True) or
+    #: the maximum over the tiles of the method's tile scores (False, the default).
+    score_from_map: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -164,11 +210,24 @@ class AnomalyModel(nn.Module):
         """``values`` (from Python, JSON or the command line) converted and checked against the
         declarations, without the defaults: what a benchmark cell records as its parameters."""
         full = check_params(cls.name, cls.param_specs, values)
+        _check_tiling(cls.name, full)
         return {k: full[k] for k in values}
+
+    @classmethod
+    def estimate_fit(cls, params: dict[str, Any], n_train: int) -> float | None:
+        """Estimated seconds of a fit with ``params`` on ``n_train`` images on the reference CPU
+        (:func:`~defectscope.models.cost.estimate_fit`); None without a declared ``cost``."""
+        return estimate_fit(cls, params, n_train)
+
+    @classmethod
+    def estimate_predict(cls, params: dict[str, Any]) -> float | None:
+        """Estimated seconds per image of ``predict`` at batch 1 on the reference CPU."""
+        return estimate_predict(cls, params)
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
         self.params: dict[str, Any] = check_params(self.name or type(self).__name__, self.param_specs, params)
+        _check_tiling(self.name or type(self).__name__, self.params)
         self.fitted = False
         #: The decision rule (:class:`~defectscope.models.calibration.Calibration`), filled in by
         #: ``defectscope.deploy.calibrate`` on validation data of the training side and saved with
@@ -209,6 +268,57 @@ class AnomalyModel(nn.Module):
     def channels(self) -> int:
         return self.params["channels"]
 
+    # -- tiling -----------------------------------------------------------------------------------
+    @property
+    def tiling(self) -> bool:
+        """Whether images are cut into tiles (``tile_from`` set)."""
+        return self.params.get("tile_from") is not None
+
+    @property
+    def input_size(self) -> int:
+        """The side images are resized to for this model: ``tile_from`` when tiling, else
+        ``image_size`` (every loader of data for a model uses it)."""
+        return self.params["tile_from"] if self.tiling else self.image_size
+
+    @property
+    def tile_stride(self) -> int:
+        """The step between tiles (``tile_stride``, default ``image_size``: no overlap)."""
+        return self.params.get("tile_stride") or self.image_size
+
+    def _tiles_of(self, dataset):
+        """``dataset`` as the dataset of its tiles (:class:`~defectscope.ops.tiling.TiledDataset`)."""
+        from ..ops.tiling import TiledDataset
+
+        try:
+            return TiledDataset(dataset, self.image_size, self.tile_stride)
+        except ValueError as e:
+            raise DefectscopeError(f"{self.name}: cannot cut the training images into {self.image_size} px tiles "
+                                   f"({e}); load them at the model's input_size ({self.input_size} px)") from None
+
+    def _infer(self, images: torch.Tensor) -> Prediction:
+        """The method's ``_predict``, through tiles when tiling is on: what :meth:`predict` runs and
+        what export traces (``images [B, C, H, W]`` on the model's device; no checks).
+
+        Tiling: the batch is cut into tiles (:func:`~defectscope.ops.tiling.tile_images`), all
+        tiles go through ``_predict`` as one batch, the tile maps are stitched back
+        (:func:`~defectscope.ops.tiling.stitch_maps`) and the image score is the maximum over tiles
+        of the tile scores (or of the stitched map, with ``score_from_map``)."""
+        if not self.tiling:
+            return self._predict(images)
+        from ..ops.tiling import stitch_maps, tile_grid, tile_images
+
+        h, w = int(images.shape[-2]), int(images.shape[-1])
+        ny, nx = tile_grid(h, w, self.image_size, self.tile_stride)
+        pred = self._predict(tile_images(images, self.image_size, self.tile_stride))
+        amap = None
+        if pred.anomaly_map is not None:
+            amap = stitch_maps(pred.anomaly_map, (h, w), self.image_size, self.tile_stride, self.params["tile_merge"])
+        if self.score_from_map and amap is not None:
+            score = amap.flatten(1).amax(dim=1)
+        else:
+            score = pred.score.reshape(-1, ny * nx).amax(dim=1)
+        return Prediction(score=score, anomaly_map=amap)
+
     @property
     def device(self) -> torch.device:
         for t in list(self.parameters()) + list(self.buffers()):
@@ -229,6 +339,10 @@ class AnomalyModel(nn.Module):
                 raise DefectscopeError(f"{self.name}: the training set is empty (this method is not zero-shot: "
                                        "it needs normal training images)")
             dataset = None
+        if self.tiling and dataset is not None:
+            dataset = self._tiles_of(dataset)
+            if val_dataset is not None and len(val_dataset):
+                val_dataset = self._tiles_of(val_dataset)
         seed_everything(self.params["seed"])  # what _build draws (initial weights) depends on the seed only
         self._build()
         self._fit(dataset, val_dataset)
@@ -238,7 +352,8 @@ class AnomalyModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        """Score a batch ``[B, C, H, W]`` (floats in [0, 1], the model's channels and size)."""
+        """Score a batch ``[B, C, H, W]`` (floats in [0, 1], the model's channels and
+        :attr:`input_size`); with tiling, the maps come back at the whole image's size."""
         if not self.fitted:
             raise DefectscopeError(f"{self.name}: predict() called before fit() or load")
         if images.ndim == 3:
@@ -247,8 +362,12 @@ class AnomalyModel(nn.Module):
             raise DefectscopeError(
                 f"{self.name}: expected images [B, {self.channels}, H, W], got {list(images.shape)}"
             )
+        if self.tiling and min(images.shape[-2:]) < self.image_size:
+            raise DefectscopeError(f"{self.name}: expected images of at least {self.image_size} px a side to cut into "
+                                   f"tiles, got {list(images.shape)}; resize them to the model's input_size "
+                                   f"({self.input_size} px)")
         self.eval()
-        pred = self._predict(images.to(self.device, torch.float32))
+        pred = self._infer(images.to(self.device, torch.float32))
         score = pred.score.detach().float().cpu()
         amap = None if pred.anomaly_map is None else pred.anomaly_map.detach().float().cpu()
         return Prediction(score=score, anomaly_map=amap)

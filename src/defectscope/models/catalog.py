@@ -7,6 +7,7 @@ import fnmatch
 
 from ..errors import DefectscopeError
 from .base import MODELS, AnomalyModel, get_model_class, list_models
+from .cost import REFERENCE_CPU, human_seconds
 from .params import SETTINGS, param_table
 
 __all__ = ["describe", "overview", "methods_markdown", "select_models", "README_BEGIN", "README_END"]
@@ -33,23 +34,33 @@ def describe(name: str) -> str:
     lines.append(f"family: {cls.paradigm}; settings: {_settings(cls)}; {'trains' if t.trains else 'no training'}; "
                  f"{'pixel maps' if t.pixel_level else 'image scores only'}; weights: {t.weights or 'none'}; "
                  f"export: {t.export or 'no'}; input: {t.input}")
+    if cls.cost is not None:
+        lines.append(f"cost at the defaults on the reference CPU ({REFERENCE_CPU}): {cls.cost.summary(cls.defaults)}")
     lines.append("")
     for r in [head] + rows:
         lines.append("  ".join(r[c].ljust(widths[c]) for c in cols) + "  " + r["meaning"])
     return "\n".join(lines)
 
 
+def _cost_cells(cls: type[AnomalyModel], n_train: int = 200) -> tuple[str, str]:
+    fit, pred = cls.estimate_fit({}, n_train), cls.estimate_predict({})
+    return ("?" if fit is None else human_seconds(fit)), ("?" if pred is None else human_seconds(pred))
+
+
 def overview(verbose: bool = False) -> str:
     """``defectscope models``: one line per method (name, family, output level, weights found,
+    the cost of a fit of 200 images and of one prediction at the defaults on the reference CPU,
     description); ``verbose`` adds each method's defaults."""
     rows = []
     for cls in list_models():
         ok, note = cls().weights_available()
         rows.append((cls, (cls.name, cls.paradigm, "pixel" if cls.tags.pixel_level else "image only",
-                           "yes" if ok else f"no ({note})")))
-    head = ("name", "paradigm", "level", "weights")
-    widths = [max(len(r[i]) for _, r in rows + [(None, head)]) for i in range(4)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  description"]
+                           *_cost_cells(cls), "yes" if ok else f"no ({note})")))
+    head = ("name", "paradigm", "level", "fit 200 img", "predict", "weights")
+    widths = [max(len(r[i]) for _, r in rows + [(None, head)]) for i in range(len(head))]
+    lines = [f"(fit and predict: estimated at the defaults on the reference CPU, {REFERENCE_CPU}; "
+             "'defectscope models NAME' for the cost model)",
+             "  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  description"]
     for cls, r in rows:
         lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + cls.description)
         if verbose:

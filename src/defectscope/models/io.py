@@ -95,8 +95,9 @@ def save_model(model: AnomalyModel, path) -> Path:
 
 def input_spec(model: AnomalyModel) -> dict:
     """``{"image_size": [H, W], "channels": C}``: the input a model expects, as its config stores
-    it (the form :meth:`defectscope.data.Preprocess.from_dict` reads)."""
-    return {"image_size": [model.image_size, model.image_size], "channels": model.channels}
+    it (the form :meth:`defectscope.data.Preprocess.from_dict` reads). With tiling, the size is
+    ``tile_from`` (:attr:`~defectscope.models.base.AnomalyModel.input_size`), not the tile's."""
+    return {"image_size": [model.input_size, model.input_size], "channels": model.channels}
 
 
 def _stored_input(pre: dict) -> dict:
@@ -163,7 +164,7 @@ def load_model(path, map_location: str | torch.device = "cpu") -> AnomalyModel:
     pre = config.get("preprocess") or {}
     if pre and _stored_input(pre) != input_spec(model):
         raise ModelFileError(f"{path / CONFIG}: preprocessing {pre} does not match the model's parameters "
-                             f"(image_size {model.image_size}, channels {model.channels}); the directory is damaged")
+                             f"(input size {model.input_size}, channels {model.channels}); the directory is damaged")
     if config.get("calibration") is not None:
         model.calibration = Calibration.from_dict(config["calibration"], source=path / CONFIG)
     model.fitted = True

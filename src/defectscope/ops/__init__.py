@@ -6,7 +6,8 @@
 * :mod:`.gaussian` -- PaDiM's per-position Gaussian, Mahalanobis distance, Ledoit-Wolf;
 * :mod:`.ssim` -- structural similarity;
 * :mod:`.pca` -- principal component analysis (DFM, DFKDE);
-* :mod:`.kde` -- Gaussian kernel density estimate, Scott's / Silverman's bandwidth (DFKDE).
+* :mod:`.kde` -- Gaussian kernel density estimate, Scott's / Silverman's bandwidth (DFKDE);
+* :mod:`.tiling` -- cutting large images into tiles and stitching the tile maps back (every method).
 """
 
 from .blur import gaussian_blur, gaussian_kernel1d, upsample

@@ -54,6 +54,9 @@ def with_setting_columns(cols: list[tuple[str, str, str]], records: Sequence[dic
 
 def _columns(records: Sequence[dict], columns) -> list[tuple[str, str, str]]:
     cols = with_setting_columns(list(columns or COLUMNS), records)
+    if any((r.get("runtime") or "torch") != "torch" for r in records) and not any(c[0] == "runtime" for c in cols):
+        at = next((i + 1 for i, c in enumerate(cols) if c[0] == "model"), 1)
+        cols = cols[:at] + [("runtime", "runtime", "s")] + cols[at:]  # rows of one method on several runtimes
     if not any(r.get("error") for r in records):
         cols = [c for c in cols if c[0] != "error"]
     return cols
@@ -94,7 +97,7 @@ def _number(value) -> float | None:
 
 
 def mean_rows(records: Iterable[dict]) -> list[dict]:
-    """One row per model (per model and data set when the records hold several): the mean of
+    """One row per model and runtime (per model and data set when the records hold several): the mean of
     each numeric field over its successful cells; ``category`` says how many cells were averaged
     (``mean of 3``, or ``-`` when none succeeded) and ``error`` holds the first error."""
     records = list(records)
@@ -102,19 +105,19 @@ def mean_rows(records: Iterable[dict]) -> list[dict]:
     blind = is_blind(records)  # one row per model, setting and contamination level
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r.get("model"), r.get("data", r.get("dataset")) if several else None)
-                          + (setting_of(r) if blind else ()), []).append(r)
+        groups.setdefault((r.get("model"), r.get("data", r.get("dataset")) if several else None,
+                           r.get("runtime") or "torch") + (setting_of(r) if blind else ()), []).append(r)
     out = []
     for key, rows in groups.items():
-        model, data = key[:2]
+        model, data, runtime = key[:3]
         ok = [r for r in rows if not r.get("error")]
         row: dict = {"model": model, "category": f"mean of {len(ok)}" if ok else "-", "n_cells": len(rows),
-                     "n_ok": len(ok)}
+                     "n_ok": len(ok), "runtime": runtime}
         if several:
             row["data"] = data
         if blind:
-            row["setting"] = key[2]
-            row["shots" if key[2] == "few-shot" else "contamination"] = key[3]
+            row["setting"] = key[3]
+            row["shots" if key[3] == "few-shot" else "contamination"] = key[4]
         for key in NUMERIC:
             vals = [v for v in (_number(r.get(key)) for r in ok) if v is not None]
             row[key] = sum(vals) / len(vals) if vals else None

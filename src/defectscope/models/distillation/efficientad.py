@@ -84,6 +84,7 @@ from ...ops.blur import gaussian_blur
 from ._common import to_inference_layout
 from ._pdn import PDN, AutoEncoder, _size, augment, generic_images, random_flip_rotate
 from ..base import AnomalyModel, Prediction, register
+from ..cost import Cost
 from ..params import Param, Tags
 
 __all__ = ["EfficientAD", "teacher_cache_dir"]
@@ -186,8 +187,22 @@ class EfficientAD(AnomalyModel):
     # 256 px is the method's minimum input; one pass over the images (the fewest steps) for both the
     # student and a teacher distilled in one batch from the training images (nothing is written to
     # the teacher cache, and no generic images are drawn: they cost more than the fit itself)
+    cost = Cost(predict=0.463, steps=(("steps", 3.0), ("teacher_steps", 10.0)),  # measured by benchmarks/costs.py unless said
+                measured="predict: README paired run (463 ms); steps: ~3 s per batch-1 step seen in bench runs; "
+                         "teacher_steps: an arithmetic estimate (about 1.5 TFLOP per batch-16 step at 160 GFLOP/s, "
+                         "plus 16 generic images at 0.09 s), not measured: costs.py takes tens of minutes for it")
     smoke = {"image_size": 256, "width": 0.125, "out_channels": 16, "steps": 1, "teacher_steps": 1,
              "teacher_batch_size": 8, "teacher_images": "train", "penalty": "none"}
+
+    @classmethod
+    def estimate_fit(cls, params: dict, n_train: int) -> float | None:
+        """As the base's, without the teacher distillation when none happens: a teacher file is
+        given, or the generic teacher of these settings is already in the cache."""
+        full = {**cls.defaults, **params}
+        if full["teacher"] or (full["teacher_images"] == "generic"
+                               and (teacher_cache_dir() / cls(**params)._teacher_key()).is_file()):
+            params = {**params, "teacher_steps": 0}
+        return super().estimate_fit(params, n_train)
 
     # -- networks -----------------------------------------------------------------------------
     def _build(self, pretrained: bool = True) -> None:

@@ -37,6 +37,7 @@ from ...errors import DefectscopeError
 from ._common import InferenceCache
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
+from ..cost import Cost
 from ..params import Param, Tags
 
 __all__ = ["Fre", "TiedAutoencoder"]
@@ -81,6 +82,9 @@ class Fre(BackboneModel):
     )
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=True, pixel_level=True,
                 weights="backbone", export="dynamic", input="rgb")
+    cost = Cost(predict=0.0174, fit=0.0881,  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine; its "
+                         "220 epochs of a small autoencoder on cached features were too cheap to measure")
     smoke = {"image_size": 64, "epochs": 1, "batch_size": 4, "latent_dim": 8}
 
     def paper_layers(self, spec) -> tuple[str, ...]:

@@ -50,6 +50,7 @@ from ...ops.blur import gaussian_blur
 from ._common import InferenceCache, fuse_level_maps
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
+from ..cost import Cost
 from ..params import Param, Tags
 
 __all__ = ["ReverseDistillation", "OneClassBottleneck", "Decoder", "rd_loss", "rd_level_maps"]
@@ -196,6 +197,8 @@ class ReverseDistillation(BackboneModel):
     )
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=True, pixel_level=True,
                 weights="backbone", export="dynamic", input="rgb")
+    cost = Cost(predict=0.0362, fit=0.0104, epoch=0.0467, passes="epochs",  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 64, "epochs": 1, "batch_size": 4, "blocks": 1}
 
     def _channels(self) -> tuple[int, int, int]:

@@ -46,6 +46,7 @@ from ...ops.blur import gaussian_blur
 from ._common import InferenceCache, fuse_level_maps
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
+from ..cost import Cost
 from ..params import Param, Tags
 
 __all__ = ["Stfpm", "stfpm_loss", "stfpm_level_maps"]
@@ -89,6 +90,8 @@ class Stfpm(BackboneModel):
     )
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=True, pixel_level=True,
                 weights="backbone", export="dynamic", input="rgb")
+    cost = Cost(predict=0.0334, fit=0.031, epoch=0.155, passes="epochs",  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 64, "epochs": 1, "batch_size": 4}
 
     def _build(self, pretrained: bool = True) -> None:

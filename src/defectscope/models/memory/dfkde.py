@@ -39,6 +39,7 @@ from ...ops import KDEResult, PCAResult, fit_gaussian_kde, fit_pca, kde_log_dens
 from ._features import dataset_features, deepest_layer, global_pool
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
+from ..cost import Cost
 from ..params import Param, Tags
 
 SCALINGS = ("scale", "norm")
@@ -99,6 +100,8 @@ class Dfkde(BackboneModel):
     # export: verified with deploy.export.export_model on a smoke fit (dynamic batch)
     tags = Tags(settings={"one-class", "multi-class", "blind"}, trains=False, pixel_level=False,
                 weights="backbone", export="dynamic", input="rgb")
+    cost = Cost(predict=0.0264, fit=0.0244,  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 32, "n_pca_components": 4, "batch_size": 8}
 
     def paper_layers(self, spec) -> tuple[str, ...]:

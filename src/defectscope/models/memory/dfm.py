@@ -38,6 +38,7 @@ from ...ops import PCAResult, fit_pca, pca_inverse_transform, pca_transform
 from ._features import dataset_features
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
+from ..cost import Cost
 from ..params import Param, Tags
 
 SCORE_TYPES = ("fre", "nll")
@@ -72,6 +73,8 @@ class Dfm(BackboneModel):
     # deploy.export.export_model on a smoke fit (dynamic batch)
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=False, pixel_level=True,
                 weights="backbone", export="dynamic", input="rgb")
+    cost = Cost(predict=0.0279, fit=0.0258,  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 64, "pooling_kernel_size": 2, "batch_size": 8}  # 4x4 stride-16 grid, 2x2 map
 
     def paper_layers(self, spec) -> tuple[str, ...]:

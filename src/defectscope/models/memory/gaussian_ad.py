@@ -36,6 +36,7 @@ from ...ops import cholesky_inverse_factor, ledoit_wolf, mahalanobis
 from ._features import dataset_features, global_pool
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
+from ..cost import Cost
 from ..params import Param, Tags
 
 
@@ -61,6 +62,8 @@ class GaussianAD(BackboneModel):
     # export: verified with deploy.export.export_model on a smoke fit (dynamic batch)
     tags = Tags(settings={"one-class", "multi-class", "blind"}, trains=False, pixel_level=False,
                 weights="backbone", export="dynamic", input="rgb")
+    cost = Cost(predict=0.0288, fit=0.0532,  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 32, "batch_size": 8}
 
     def paper_layers(self, spec) -> tuple[str, ...]:

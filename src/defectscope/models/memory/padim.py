@@ -32,6 +32,7 @@ from ...ops import cholesky_inverse_factor, fit_gaussian, mahalanobis
 from ...progress import progress
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
+from ..cost import Cost
 from ..params import Param, Tags
 
 PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
@@ -62,6 +63,8 @@ class Padim(BackboneModel):
     # deploy.export.export_model on a smoke fit (dynamic batch)
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=False, pixel_level=True,
                 weights="backbone", export="dynamic", input="rgb")
+    cost = Cost(predict=0.0416, fit=0.0577,  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 32, "n_features": 16, "batch_size": 8}
 
     def _build(self, pretrained: bool = True) -> None:

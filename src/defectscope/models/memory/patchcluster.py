@@ -50,6 +50,7 @@ from __future__ import annotations
 import torch
 
 from ..base import Prediction, register
+from ..cost import Cost
 from ..params import Param, Tags
 from .patchcore import PatchCore
 
@@ -84,6 +85,8 @@ class PatchCluster(PatchCore):
     # deploy.export.export_model on a smoke fit: exported for batch 1)
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=False, pixel_level=True,
                 weights="backbone", export="batch-1", input="rgb")
+    cost = Cost(predict=0.251, fit=0.13,  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 32, "batch_size": 8}  # k = 8 images * 0.25 = 2
 
     def _fit(self, dataset, val_dataset=None) -> None:

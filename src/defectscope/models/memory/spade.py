@@ -49,6 +49,7 @@ from ...ops import NearestNeighbors
 from ._features import dataset_features, deepest_layer, global_pool
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
+from ..cost import Cost
 from ..params import Param, Tags
 
 
@@ -80,6 +81,8 @@ class Spade(BackboneModel):
     # (verified with deploy.export.export_model on a smoke fit: exported for batch 1)
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=False, pixel_level=True,
                 weights="backbone", export="batch-1", input="rgb")
+    cost = Cost(predict=3.13, fit=0.0564,  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 32, "k": 3, "batch_size": 8}
 
     @property

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ops.ssim import ssim, ssim_map
+from ..cost import Cost
 from ._common import ReconstructionModel
 from ..base import register
 from ..params import Param
@@ -90,6 +91,8 @@ class DeepAE(ReconstructionModel):
         Param("ssim_weight", "float", 0.1, "weight of the (1 - SSIM) term of the loss", ge=0),
         Param("map", "str", "l2", "anomaly map: squared error (l2) or 1 - local SSIM (ssim)", choices=("l2", "ssim")),
     )
+    cost = Cost(predict=0.0148, fit=0.0192, epoch=0.031, passes="epochs",  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 128 px gray, 2026-12-02, quiet machine")
     smoke = {"image_size": 32, "epochs": 1, "batch_size": 4, "latent": 8}
 
     def _build(self, pretrained: bool = True) -> None:

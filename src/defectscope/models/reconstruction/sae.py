@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cost import Cost
 from ._common import ReconstructionModel
 from ..base import register
 from ..params import Param
@@ -72,6 +73,8 @@ class SparseAE(ReconstructionModel):
         Param("latent", "int", 64, "size of the FC bottleneck (the sparse code)", ge=1),
         Param("l1_weight", "float", 1e-3, "lambda of the L1 sparsity penalty on the latent code", ge=0),
     )
+    cost = Cost(predict=0.00685, fit=0.00778, epoch=0.00744, passes="epochs",  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 128 px gray, 2026-12-02, quiet machine")
     smoke = {"image_size": 32, "epochs": 1, "batch_size": 4, "latent": 8}
 
     def _build(self, pretrained: bool = True) -> None:
