@@ -104,9 +104,10 @@ class Cell:
 
 
 #: Seconds a cell spends besides fitting and predicting: a fresh interpreter importing torch and
-#: defectscope, opening the split, saving the model (measured on the reference CPU: a PaDiM cell
-#: of the quick benchmark takes about this much more than its fit and its predictions).
-CELL_OVERHEAD_S = 8.0
+#: defectscope, opening the split, saving the model. Measured on the reference CPU with the quick
+#: benchmark (2026-12-02): wall time less fit less 199 predictions, 2-3 s for SAE and STFPM, 6 s
+#: for PaDiM (whose saved model is 87 MB).
+CELL_OVERHEAD_S = 5.0
 
 
 def estimate_cell(cell: Cell, counts: dict[str, tuple[int, int]], n_latency: int = 50) -> float | None:
@@ -233,7 +234,8 @@ def execute_cell(cell: Cell, threads: int | None = None, artifacts_dir=None, n_l
                                categories=list(cell.categories) or None, n_latency=n_latency, keep=keep,
                                runtime=cell.runtime, predictor=predictor)
     except Exception as e:  # noqa: BLE001 - the row must record any failure
-        rec: dict[str, Any] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+        rec: dict[str, Any] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8),
+                               "runtime": cell.runtime}
         try:
             rec.update(_environment())
             rec["threads"] = torch.get_num_threads()

@@ -7,8 +7,9 @@ out of the runtime itself:
 
 * ``onnx``: ONNX Runtime, CPU execution provider, FP32.
 * ``openvino``: OpenVINO, CPU, FP32 (``INFERENCE_PRECISION_HINT=f32``).
-* ``openvino-int8``: OpenVINO with weights *and* activations in INT8, from NNCF's post-training
-  quantization calibrated on normal training images (``calibration_images``; never the test set).
+* ``openvino-int8``: OpenVINO with the convolutions' weights *and* activations in INT8, from
+  NNCF's post-training quantization calibrated on normal training images (``calibration_images``;
+  never the test set); the method's matrix products stay float (see ``export_model``).
 
 The graph is exported once and cached: in ``MODEL_DIR/runtimes/`` for a model loaded from a
 directory (else in ``$DEFECTSCOPE_CACHE/runtimes`` or ``~/.cache/defectscope/runtimes``), under a
@@ -50,7 +51,7 @@ TOLERANCE = 1e-3
 #: Largest share of mask pixels that may differ from PyTorch's (pixels at the threshold) (FP32).
 MASK_TOLERANCE = 1e-3
 #: Bumped when the exported graph changes meaning, so that cached graphs are made again.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: INT8 keeps the matrix products in float
 _FORMAT = {"onnx": ("onnx", ".onnx"), "openvino": ("openvino", ".xml"), "openvino-int8": ("openvino", ".xml")}
 
 
