@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -57,21 +56,10 @@ def timed_fit(cls, train, params: dict):
     return time.perf_counter() - t0, model
 
 
-def predict_seconds(model, image, runs: int = 15) -> float:
-    x = image.unsqueeze(0)
-    for _ in range(3):
-        model.predict(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model.predict(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure(cls, data: str, category: str) -> dict:
     """The measured Cost figures of ``cls`` (see the module docstring)."""
     from defectscope.data import load_dataset
+    from defectscope.engine.evaluate import measure_speed
 
     d = cls.defaults
     cost = cls.cost
@@ -99,7 +87,8 @@ def measure(cls, data: str, category: str) -> dict:
         t, model = timed_fit(cls, Subset(train_all, n), {})
         out["fit"] = t / n
     out["n"] = n
-    out["predict"] = predict_seconds(model, test[0]["image"])
+    speed = measure_speed(model, test[0]["image"], n_latency=15, warmup=3, throughput=False)
+    out["predict"] = speed["latency_ms"] / 1000
     return out
 
 

@@ -99,9 +99,10 @@ def evaluate(model: AnomalyModel, dataset, batch_size: int = 16) -> tuple[dict[s
 
 
 def measure_speed(model: AnomalyModel, image: torch.Tensor, n_latency: int = 50, warmup: int = 5,
-                  batch: int = 16, n_batches: int = 3) -> dict[str, float]:
+                  batch: int = 16, n_batches: int = 3, throughput: bool = True) -> dict[str, float]:
     """Median batch-1 latency (ms) over ``n_latency`` calls after ``warmup``, and throughput
-    (images/s) at batch ``batch``. ``image`` is one input ``[C, H, W]``."""
+    (images/s) at batch ``batch`` (left out with ``throughput=False``). ``image`` is one input
+    ``[C, H, W]``."""
     x1 = image.unsqueeze(0)
     for _ in range(warmup):
         model.predict(x1)
@@ -110,6 +111,8 @@ def measure_speed(model: AnomalyModel, image: torch.Tensor, n_latency: int = 50,
         t0 = time.perf_counter()
         model.predict(x1)
         times.append(time.perf_counter() - t0)
+    if not throughput:
+        return {"latency_ms": statistics.median(times) * 1000}
     xb = x1.expand(batch, *image.shape).contiguous()
     model.predict(xb)
     t0 = time.perf_counter()
