@@ -38,6 +38,21 @@ What it does:
   the same protocol as ``defectscope.engine.measure_speed``;
 * memory: peak RSS (``ru_maxrss``), and model size = ``torch.save`` of the torch model's
   ``state_dict`` (backbone included) to a temporary file.
+
+The flows (``cflow``, ``fastflow``, ``csflow``, ``uflow``):
+
+* CFLOW takes any timm backbone: EfficientNet-Lite0 at ``blocks.2/4/6`` (strides 8/16/32, Wide-ResNet50
+  ``layer2/3/4``) by default; ``--fiber-batch-size``, ``--lr``, ``--coupling-blocks``, ``--clamp``,
+  ``--condition-vector`` override anomalib's defaults (64, 1e-4, 8, 1.9, 128).
+* FastFlow and U-Flow accept only a closed list of backbones (ResNet18, Wide-ResNet50, CaiT...),
+  none of which has ImageNet weights offline. For ``--backbone tf_efficientnet_lite0`` the model is
+  built for ``resnet18`` and the module's timm call / feature-extractor factory is redirected to
+  EfficientNet-Lite0 at the strides of ResNet18's ``layer1/2/3`` (``blocks.1/2/4``); the record
+  says so (``backbone_swap``). ``--backbone resnet18 --random-weights`` runs FastFlow as published,
+  with random weights (timing only).
+* CS-Flow hard-codes torchvision's EfficientNet-B5 (ImageNet weights downloaded from
+  download.pytorch.org, 304 channels): it runs only with ``efficientnet_b5_lukemelas-1a07897c.pth``
+  in ``$TORCH_HOME/hub/checkpoints``, or with ``--random-weights`` (timing only).
 """
 
 from __future__ import annotations
@@ -60,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   choices=["patchcore", "padim", "stfpm", "reverse_distillation", "efficientad"])
+                   choices=["patchcore", "padim", "stfpm", "reverse_distillation", "efficientad",
+                            "cflow", "fastflow", "csflow", "uflow"])
     p.add_argument("--data", required=True, help="MVTec-layout root (holds <category>/train, test, ground_truth)")
     p.add_argument("--category", required=True)
     p.add_argument("--image-size", type=int, default=256)
@@ -82,7 +98,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="EfficientAD: folder of generic images for the penalty loss (in place of imagenette; "
                         "flat or with sub-folders)")
     p.add_argument("--model-size", choices=["small", "medium"], default="small", help="EfficientAD size")
-    p.add_argument("--lr", type=float, default=None, help="EfficientAD: Adam learning rate (default anomalib's 1e-4)")
+    p.add_argument("--lr", type=float, default=None, help="EfficientAD, CFLOW: Adam learning rate (default "
+                   "anomalib's: 1e-4 for both)")
+    # the flows (anomalib's defaults when not given)
+    p.add_argument("--fiber-batch-size", type=int, default=None, help="CFLOW: fibers per step (anomalib 64)")
+    p.add_argument("--coupling-blocks", type=int, default=None, help="CFLOW (8), CS-Flow (4): coupling blocks")
+    p.add_argument("--condition-vector", type=int, default=None, help="CFLOW: positional-encoding dims (128)")
+    p.add_argument("--clamp", type=float, default=None, help="CFLOW clamp_alpha (1.9), CS-Flow clamp (3), "
+                   "U-Flow affine_clamp (2.0)")
+    p.add_argument("--flow-steps", type=int, default=None, help="FastFlow (8), U-Flow (4): flow steps")
+    p.add_argument("--hidden-ratio", type=float, default=None, help="FastFlow: subnet hidden ratio (1.0)")
+    p.add_argument("--conv3x3-only", action="store_true", help="FastFlow: 3x3 subnets only")
+    p.add_argument("--cross-conv-hidden-channels", type=int, default=None, help="CS-Flow: hidden channels (1024)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="backbone with random weights (timing only: the accuracy is meaningless); for the "
+                        "backbones without offline ImageNet weights (resnet18; CS-Flow's EfficientNet-B5)")
     p.add_argument("--batch-size", type=int, default=32, help="train and eval batch size")
     p.add_argument("--normalize", choices=["backbone", "imagenet"], default="backbone",
                    help="input normalisation: the backbone's own (timm pretrained_cfg) or anomalib's "
@@ -214,7 +244,77 @@ DEFAULT_LAYERS = {
     "padim": ["blocks.1", "blocks.2", "blocks.4"],
     "stfpm": ["blocks.1", "blocks.2", "blocks.4"],
     "reverse_distillation": ["blocks.1", "blocks.2", "blocks.4"],
+    "cflow": ["blocks.2", "blocks.4", "blocks.6"],  # Wide-ResNet50 layer2/3/4: strides 8/16/32
+    "fastflow": ["blocks.1", "blocks.2", "blocks.4"],  # ResNet18 layer1/2/3: strides 4/8/16
+    "uflow": ["blocks.1", "blocks.2", "blocks.4"],  # ResNet18 layer1/2/3: strides 4/8/16
 }
+
+#: torchvision's file for CS-Flow's EfficientNet-B5 (EfficientNet_B5_Weights.IMAGENET1K_V1), read from
+#: TORCH_HOME/hub/checkpoints when present (the download is impossible offline)
+CSFLOW_B5_FILE = "efficientnet_b5_lukemelas-1a07897c.pth"
+
+
+def _swap_timm_backbone(args, layers) -> str | None:
+    """FastFlow and U-Flow accept only a closed list of backbones (FastFlow: resnet18,
+    wide_resnet50_2, cait_m48_448, deit_base_distilled_patch16_384; U-Flow: resnet18,
+    wide_resnet50_2, mcait), although their CNN path is generic timm code. For another timm
+    backbone (EfficientNet-Lite0, whose ImageNet weights exist offline), the model is built with
+    ``backbone="resnet18"`` while the model module's own reference to timm / its feature-extractor
+    factory is redirected to ``args.backbone`` (FastFlow: ``timm.create_model(..., features_only=True,
+    out_indices=[1, 2, 3])``, which for EfficientNet-Lite0 taps ``blocks.1/2/4``, strides 4/8/16;
+    U-Flow: anomalib's own ``LayerNormFeatureExtractor`` on ``layers``). Nothing else of anomalib's
+    code changes. Returns a description of the swap (None when no swap is needed)."""
+    import importlib
+    import types
+
+    if args.backbone in ("resnet18", "wide_resnet50_2"):
+        return None
+    if args.model == "fastflow":
+        import timm as real_timm
+
+        tm = importlib.import_module("anomalib.models.image.fastflow.torch_model")
+        target = args.backbone
+
+        def create_model(name, **kwargs):
+            return real_timm.create_model(target, **kwargs)
+
+        tm.timm = types.SimpleNamespace(create_model=create_model)
+        return (f"anomalib's FastflowModel built with backbone='resnet18', its timm.create_model call redirected "
+                f"to {target} (features_only, out_indices [1, 2, 3])")
+    if args.model == "uflow":
+        um = importlib.import_module("anomalib.models.image.uflow.torch_model")
+        from anomalib.models.image.uflow.feature_extraction import LayerNormFeatureExtractor
+
+        target, taps = args.backbone, tuple(layers)
+
+        def get_feature_extractor(backbone, input_size=(256, 256)):
+            return LayerNormFeatureExtractor(target, input_size, layers=taps).eval()
+
+        um.get_feature_extractor = get_feature_extractor
+        return (f"anomalib's UflowModel built with backbone='resnet18', its get_feature_extractor redirected to "
+                f"anomalib's LayerNormFeatureExtractor({target}, layers={list(taps)})")
+    return None
+
+
+def _csflow_backbone(args) -> str:
+    """CS-Flow hard-codes torchvision's EfficientNet-B5 with IMAGENET1K_V1 weights (downloaded) and
+    304 input channels: it runs offline only with that file in TORCH_HOME, or with
+    ``--random-weights`` (timing only)."""
+    import importlib
+
+    ckpt = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / CSFLOW_B5_FILE
+    if ckpt.is_file():
+        return f"torchvision EfficientNet-B5 IMAGENET1K_V1 from {ckpt}"
+    if not args.random_weights:
+        raise SystemExit(
+            "csflow: anomalib hard-codes torchvision's efficientnet_b5(weights=IMAGENET1K_V1) (and its 304 "
+            f"channels); the weights are downloaded from download.pytorch.org and are not available offline "
+            f"(expected {ckpt}); pass --random-weights to time it with random weights")
+    cm = importlib.import_module("anomalib.models.image.csflow.torch_model")
+    from torchvision.models import efficientnet_b5 as tv_b5
+
+    cm.efficientnet_b5 = lambda weights=None, **kwargs: tv_b5(weights=None, **kwargs)
+    return "torchvision EfficientNet-B5 with random weights (--random-weights: timing only)"
 
 
 def build_pre_processor(args, mean, std):
@@ -248,6 +348,36 @@ def build_model(args, layers, pre_processor, evaluator):
         if args.lr is not None:
             params["lr"] = args.lr
         model = am.EfficientAd(**params, **common)
+    elif args.model == "cflow":
+        for key, flag in (("fiber_batch_size", "fiber_batch_size"), ("coupling_blocks", "coupling_blocks"),
+                          ("condition_vector", "condition_vector"), ("clamp_alpha", "clamp"), ("lr", "lr")):
+            if getattr(args, flag) is not None:
+                params[key] = getattr(args, flag)
+        params["pre_trained"] = not args.random_weights
+        model = am.Cflow(**params, **common)
+    elif args.model == "fastflow":
+        params = {"backbone": "resnet18" if args.backbone_swap else args.backbone, "pre_trained": not args.random_weights}
+        for key in ("flow_steps", "hidden_ratio"):
+            if getattr(args, key) is not None:
+                params[key] = getattr(args, key)
+        params["conv3x3_only"] = bool(args.conv3x3_only)
+        model = am.Fastflow(**params, **common)
+    elif args.model == "uflow":
+        if args.random_weights:
+            raise SystemExit("uflow: anomalib's U-Flow feature extractor always loads pretrained weights; "
+                             "--random-weights is not supported")
+        params = {"backbone": "resnet18" if args.backbone_swap else args.backbone}
+        for key, flag in (("flow_steps", "flow_steps"), ("affine_clamp", "clamp")):
+            if getattr(args, flag) is not None:
+                params[key] = getattr(args, flag)
+        model = am.Uflow(**params, **common)
+    elif args.model == "csflow":
+        params = {"num_channels": 3}
+        for key, flag in (("cross_conv_hidden_channels", "cross_conv_hidden_channels"),
+                          ("n_coupling_blocks", "coupling_blocks"), ("clamp", "clamp")):
+            if getattr(args, flag) is not None:
+                params[key] = getattr(args, flag)
+        model = am.Csflow(**params, **common)
     elif args.model == "reverse_distillation":
         if not args.backbone.startswith(("resnet", "wide_resnet", "resnext")):
             raise SystemExit(
@@ -499,14 +629,24 @@ def main(args) -> dict:
                     "threads": args.threads, "seed": args.seed, "error": None}
     record["rss_after_imports_mb"] = peak_rss_mb()  # torch + lightning + anomalib, before any model
     work = args.work_dir or tempfile.mkdtemp(prefix="anomalib-ref-")
+    layers = args.layers.split(",") if args.layers else DEFAULT_LAYERS.get(args.model, [])
     if args.model == "efficientad":
         record["efficientad_offline"] = prepare_efficientad_offline(args, Path(work))
+    elif args.model == "csflow":
+        record["backbone"] = _csflow_backbone(args)
+        args.normalize = "imagenet"  # torchvision's EfficientNet-B5: ImageNet mean / std
+    elif args.random_weights:
+        record["weights"] = {"random": True, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     else:
         record["weights"] = ensure_hf_weights(args.backbone)
+    args.backbone_swap = None
+    if args.model in ("fastflow", "uflow"):
+        args.backbone_swap = _swap_timm_backbone(args, layers)
+        record["backbone_swap"] = args.backbone_swap
     seed_everything(args.seed, workers=True)
 
-    layers = args.layers.split(",") if args.layers else DEFAULT_LAYERS.get(args.model, [])
-    mean_std = (record["weights"]["mean"], record["weights"]["std"]) if "weights" in record else (None, None)
+    mean_std = ((record["weights"]["mean"], record["weights"]["std"]) if "weights" in record
+                else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
     pre = build_pre_processor(args, *mean_std)
     evaluator = build_evaluator()
     lm, params = build_model(args, layers, pre, evaluator)

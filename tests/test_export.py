@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from defectscope.cli import main
 from defectscope.data import load_dataset
@@ -185,3 +186,67 @@ def test_export_verb_has_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--format" in out and "--int8" in out and "--out" in out
+
+
+class _TwoNets(AnomalyModel):
+    """A registered network, a network called but kept outside the module tree (as the
+    BatchNorm-folded inference copies of STFPM), then the method's own code, with a convolution
+    of its own (as the blur of every map)."""
+
+    name = "two_nets"
+    overrides = {"image_size": 16, "channels": 1}
+    tags = Tags(pixel_level=True, weights=None, export="dynamic")
+
+    def _build(self, pretrained: bool = True) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self._loose = [nn.Conv2d(8, 8, 3, padding=1)]
+        for conv in (self.net[0], self._loose[0]):
+            conv.weight.data = torch.randn(conv.weight.shape, generator=gen) * 0.3
+        self.register_buffer("kernel", torch.full((1, 1, 5, 5), 1 / 25))
+
+    def _fit(self, dataset, val_dataset=None) -> None:
+        pass
+
+    def _predict(self, images):
+        f = self._loose[0](self.net(images))
+        amap = F.conv2d(f.square().sum(1, keepdim=True), self.kernel, padding=2).squeeze(1)
+        return Prediction(score=amap.flatten(1).amax(dim=1), anomaly_map=amap)
+
+
+def _conv_quantization(ov_model) -> dict[tuple, tuple[bool, bool]]:
+    """For each convolution of an OpenVINO model (keyed by its weight shape): whether its input
+    activation passes through a FakeQuantize, and whether its weights are stored in 8 bits."""
+    skip = ("Pad", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Convert")
+    out = {}
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() != "Convolution":
+            continue
+        node = op.input_value(0).get_node()
+        while node.get_type_name() in skip:
+            node = node.input_value(0).get_node()
+        weights, int8 = [op.input_value(1).get_node()], False
+        while weights:
+            w = weights.pop()
+            int8 |= w.get_type_name() == "Constant" and w.get_element_type().get_type_name() in ("i8", "u8")
+            weights += [w.input_value(i).get_node() for i in range(w.get_input_size())]
+        out[tuple(op.input_value(1).get_partial_shape().to_shape())] = (node.get_type_name() == "FakeQuantize", int8)
+    return out
+
+
+def test_full_int8_quantizes_the_networks_and_keeps_the_method_code_float(tmp_path, tensor_images):
+    """The boundary comes from the export: ops inside the model's networks (registered or only
+    called) get INT8 weights and activations; the method's own convolution stays float."""
+    ov = pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    model = _TwoNets().fit(tensor_images(torch.rand(4, 1, 16, 16)))
+    normal = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    report = export_model(model, tmp_path / "q", "openvino", resize=False, check=False, quantize=normal)
+    convs = _conv_quantization(ov.Core().read_model(str(report.path)))
+    assert convs == {(8, 1, 3, 3): (True, True),  # the registered network
+                     (8, 8, 3, 3): (True, True),  # the network outside the module tree
+                     (1, 1, 5, 5): (False, False)}  # the method's own code
+    assert "int8_scope" in load_exported(report.path).metadata
+    images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    got = load_exported(report.path).run(images)["score"]
+    assert np.corrcoef(got, model.predict(images).score.numpy())[0, 1] > 0.95

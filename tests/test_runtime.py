@@ -79,6 +79,16 @@ def test_a_runtime_that_disagrees_with_torch_is_refused_in_one_line(padim_dir, t
         load_runtime(load_model(padim_dir), "onnx", cache_dir=tmp_path)
     assert "refused" in str(e.value) and "score differs" in str(e.value) and "\n" not in str(e.value)
     assert not list(tmp_path.glob("*.onnx"))  # nothing kept that would be used next time
+
+    def cannot_compile(*a, **k):  # as OpenVINO on a quantized graph its low-precision passes reject
+        raise rt.ExportError("x.xml: OpenVINO cannot compile this graph for the CPU (unexpected levels)")
+
+    monkeypatch.setattr(rt, "export_model", lambda model, graph, *a, **k: graph.write_bytes(b"graph"))
+    monkeypatch.setattr(rt, "ExportedModel", cannot_compile)
+    with pytest.raises(rt.ExportError) as e:
+        load_runtime(load_model(padim_dir), "onnx", cache_dir=tmp_path)
+    assert "refused" in str(e.value) and "cannot compile" in str(e.value) and "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())
     with pytest.raises(DefectscopeError, match="unknown runtime"):
         load_runtime(load_model(padim_dir), "tensorrt")
 
@@ -99,7 +109,12 @@ def test_full_int8_needs_normal_images_once_then_runs(padim_dir, synth_root, tmp
         ref = model.predict(images).score.numpy()
     assert out["score"].shape == ref.shape and np.isfinite(out["score"]).all()
     assert "FakeQuantize" in runtime.path.read_text()  # activations quantized, not only the weights
-    assert np.corrcoef(out["score"], ref)[0, 1] > 0  # numbers change by design: the bench measures the AUROC cost
+    # the numbers change by design, the ranking must not: with the Mahalanobis distances, the
+    # upsampling and the blur quantized too, every image's map was clipped at the same 8-bit
+    # ceiling (a constant score; correlation 0.68 here, image AUROC 50 at 256 px); with the
+    # backbone alone in INT8 it is 0.99
+    assert len(np.unique(out["score"])) == len(images)
+    assert np.corrcoef(out["score"], ref)[0, 1] > 0.9
     cached = load_runtime(model, "openvino-int8", cache_dir=tmp_path)  # no images needed any more
     np.testing.assert_allclose(cached.run(images)["score"], out["score"], rtol=1e-5, atol=1e-6)
 

@@ -58,6 +58,10 @@ def cmd_fit(args) -> int:
     model = create_model(args.model, **params)
     model.check_weights()  # a missing weights file is said before the data is read or generated
     anomalies = _val_anomalies(args, model)  # checks the calibration options before any work
+    if args.threshold == "nfa":
+        from .deploy.threshold import use_nfa_map
+
+        use_nfa_map(model)  # the -log10 NFA map, or the error naming the methods that have one
     data = load_dataset(args.data, args.category, "train", image_size=model.input_size, channels=model.channels)
     train, val = validation_split(data, args.val_fraction, seed=int(model.params.get("seed") or 0))
     t0 = time.perf_counter()
@@ -76,6 +80,9 @@ def _val_anomalies(args, model):
     check_rate(args.fpr, "--fpr")
     check_rate(getattr(args, "val_fraction", None), "--val-fraction")
     check_rate(args.pixel_fpr, "--pixel-fpr")
+    if args.threshold == "nfa" and args.val_anomalies:
+        raise DefectscopeError("--threshold nfa is unsupervised (log10 NFA < 0): it takes no --val-anomalies; drop "
+                               "them, or use --threshold auto for an F1-optimal threshold")
     if not args.val_anomalies:
         if args.val_masks:
             raise DefectscopeError("--val-masks needs --val-anomalies")
@@ -87,11 +94,12 @@ def _val_anomalies(args, model):
 def _calibrate(model, val, anomalies, args) -> None:
     from .deploy.threshold import calibrate
 
-    if val is None:
+    if val is None and args.threshold != "nfa":  # the a-contrario threshold needs no validation image
         print("not calibrated (validation fraction 0): 'defectscope predict' needs 'defectscope calibrate' first",
               file=sys.stderr)
         return
-    model.calibration = calibrate(model, val, anomalies, fpr=args.fpr, pixel_fpr=args.pixel_fpr)
+    model.calibration = calibrate(model, val, anomalies, fpr=args.fpr, pixel_fpr=args.pixel_fpr,
+                                  threshold=args.threshold)
     print(f"calibrated: {model.calibration.describe()}")
 
 
@@ -264,6 +272,10 @@ def _calibration_arguments(s) -> None:
     s.add_argument("--fpr", type=float, default=DEFAULT_FPR,
                    help=f"without --val-anomalies: the false-alarm rate on normal validation images (default {DEFAULT_FPR})")
     s.add_argument("--pixel-fpr", type=float, help="false-alarm rate of mask pixels on normal images (default: --fpr)")
+    s.add_argument("--threshold", choices=("auto", "nfa"), default="auto",
+                   help="auto (default): F1-optimal with --val-anomalies, else at --fpr on normal validation images; "
+                        "nfa: the a-contrario threshold log10 NFA < 0 of a method with an NFA map (uflow), "
+                        "unsupervised: at most 1 false detection per normal image on average, no image needed")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,9 +7,11 @@ out of the runtime itself:
 
 * ``onnx``: ONNX Runtime, CPU execution provider, FP32.
 * ``openvino``: OpenVINO, CPU, FP32 (``INFERENCE_PRECISION_HINT=f32``).
-* ``openvino-int8``: OpenVINO with the convolutions' weights *and* activations in INT8, from
-  NNCF's post-training quantization calibrated on normal training images (``calibration_images``;
-  never the test set); the method's matrix products stay float (see ``export_model``).
+* ``openvino-int8``: OpenVINO with the weights *and* activations of the model's networks
+  (backbone, teacher/student...) in INT8, from NNCF's post-training quantization calibrated on
+  normal training images (``calibration_images``; never the test set); the method's own code after
+  them (distances, statistics, PCA, KDE, k-NN, upsampling, blur) stays float (see
+  :mod:`defectscope.deploy.export`).
 
 The graph is exported once and cached: in ``MODEL_DIR/runtimes/`` for a model loaded from a
 directory (else in ``$DEFECTSCOPE_CACHE/runtimes`` or ``~/.cache/defectscope/runtimes``), under a
@@ -51,7 +53,7 @@ TOLERANCE = 1e-3
 #: Largest share of mask pixels that may differ from PyTorch's (pixels at the threshold) (FP32).
 MASK_TOLERANCE = 1e-3
 #: Bumped when the exported graph changes meaning, so that cached graphs are made again.
-EXPORT_VERSION = 2  # 2: INT8 keeps the matrix products in float
+EXPORT_VERSION = 3  # 2: INT8 kept the matrix products in float; 3: INT8 quantizes the networks only
 _FORMAT = {"onnx": ("onnx", ".onnx"), "openvino": ("openvino", ".xml"), "openvino-int8": ("openvino", ".xml")}
 
 
@@ -198,14 +200,21 @@ def load_runtime(model, name: str = "torch", *, model_dir=None, calibration_imag
         if name == "openvino-int8" and calibration_images is None:
             raise DefectscopeError(f"runtime openvino-int8 of {model.name}: no INT8 graph cached in {folder} and no "
                                    "calibration images; quantize it once from normal training images "
-                                   "(defectscope export MODEL_DIR --format openvino --int8 full --data SPEC)")
+                                   "(defectscope predict MODEL_DIR IMAGES --runtime openvino-int8 "
+                                   "--calibration-data SPEC [--category C])")
         folder.mkdir(parents=True, exist_ok=True)
         for f in _files(graph):
             f.unlink(missing_ok=True)
         quantize = calibration_images.float() if name == "openvino-int8" else None
         export_model(model, graph, fmt, resize=False, check=False, quantize=quantize)
         record = {"model": model.name, "runtime": name, "version": version, "sha256": _digest(graph)}
-    exported = ExportedModel(graph, threads=threads)
+    try:
+        exported = ExportedModel(graph, threads=threads)
+    except ExportError as e:  # not runnable here: nothing kept that would be used next time
+        for f in _files(graph) + [record_file]:
+            f.unlink(missing_ok=True)
+        raise ExportError(f"runtime {name} refused for {model.name}: {e}; use --runtime "
+                          f"{'openvino' if name == 'openvino-int8' else 'torch'}") from None
     images = check_images(model, resize=False)
     parity = check_parity(model, exported, images, resize=False)
     parity["mask_pixels"] = int(images.shape[0] * images.shape[-1] * images.shape[-2])

@@ -25,6 +25,15 @@ threshold:
   clips (unlike min-max normalisation, which flags everything once a score exceeds the
   validation maximum). If the threshold is not above the normal median (a model that cannot
   separate), ``scale`` falls back to the standard deviation of the validation scores.
+* **A-contrario** (``threshold="nfa"``, U-Flow only): for a model whose map is ``-log10 NFA``
+  (Tailanian et al.: the number of false alarms of the region around each pixel under the null
+  hypothesis that the image is normal), both thresholds are 0, i.e. a detection where
+  ``log10 NFA < 0`` (NFA below ``epsilon = 1``), and an image is a defect when it has one. The
+  guarantee is the a-contrario one: under the null hypothesis the expected number of false
+  detections per image is at most ``epsilon = 1``. Nothing is learnt from images (no validation
+  image is needed; normal ones, when given, only set the normalisation scale and report the
+  false-alarm rates reached). A method offers it by declaring ``log_nfa_map = (parameter, value)``,
+  the parameter value that makes its map and score ``-log10 NFA`` (:func:`use_nfa_map` sets it).
 * **Verdict**: ``score >= t`` is a defect (the convention of :mod:`defectscope.metrics`), the same
   as ``normalised >= 0.5`` up to float rounding at the threshold itself; a mask pixel is a
   defect when ``map >= t_px``.
@@ -47,8 +56,12 @@ import torch
 from ..errors import DefectscopeError
 from ..models.calibration import DEFAULT_FPR, Calibration, normalize
 
-__all__ = ["DEFAULT_FPR", "Calibration", "calibrate", "calibrate_scores", "normalize",
-           "fpr_threshold", "f1_threshold", "check_rate", "MAX_CALIBRATION_PIXELS"]
+__all__ = ["DEFAULT_FPR", "Calibration", "calibrate", "calibrate_scores", "calibrate_nfa", "normalize",
+           "fpr_threshold", "f1_threshold", "check_rate", "use_nfa_map", "THRESHOLDS", "MAX_CALIBRATION_PIXELS"]
+
+#: The threshold rules :func:`calibrate` offers: ``"auto"`` (F1-optimal with labelled anomalies,
+#: else at a false-alarm rate on normal images) and ``"nfa"`` (a-contrario, log10 NFA < 0).
+THRESHOLDS = ("auto", "nfa")
 
 #: At most this many pixel scores enter a pixel quantile (a seeded random subset beyond it).
 MAX_CALIBRATION_PIXELS = 1 << 23
@@ -185,17 +198,65 @@ def calibrate_scores(normal_scores, anomalous_scores=None, *, normal_maps=None, 
     return Calibration(**cal)
 
 
+def use_nfa_map(model) -> None:
+    """Switch ``model`` to its ``-log10 NFA`` map (its ``log_nfa_map`` parameter value), or raise
+    the error that says which methods offer the a-contrario threshold. The map is read at
+    prediction only, so a fitted model may be switched."""
+    decl = getattr(type(model), "log_nfa_map", None)
+    if not decl:
+        from ..models import list_models
+
+        offer = [c.name for c in list_models() if getattr(c, "log_nfa_map", None)]
+        raise DefectscopeError(f"{model.name} has no a-contrario (NFA) map, so --threshold nfa does not apply to it; "
+                               f"it is offered by: {', '.join(offer) or 'no method'}. Use the default threshold "
+                               "(--threshold auto: a false-alarm rate on normal images, or F1 with --val-anomalies)")
+    name, value = decl
+    if model.params.get(name) != value:
+        model.params[name] = model.param_specs[name].convert(value, model.name)
+
+
+def calibrate_nfa(normal_scores=None, normal_maps=None) -> Calibration:
+    """The a-contrario :class:`Calibration` of a model whose scores and maps are ``-log10 NFA``:
+    both thresholds 0 (a detection where log10 NFA < 0). ``normal_scores`` / ``normal_maps``, when
+    given (normal validation images), only set the normalisation scales and the false-alarm rates
+    reported; without them the scale is 1 (one decade of NFA)."""
+    normal = _as_float_array(normal_scores if normal_scores is not None else [], "normal scores")
+    cal: dict[str, Any] = dict(image_threshold=0.0, method="nfa", fpr=None, n_normal=int(normal.size),
+                               image_scale=_scale(0.0, normal, normal) if normal.size else 1.0,
+                               val_fpr=float(np.mean(normal >= 0.0)) if normal.size else None,
+                               pixel_threshold=0.0, pixel_method="nfa", pixel_scale=1.0)
+    if normal_maps is not None:
+        npix = _subsample(_as_float_array(normal_maps, "normal maps"), MAX_CALIBRATION_PIXELS)
+        if npix.size:
+            cal.update(pixel_scale=_scale(0.0, npix, npix), val_pixel_fpr=float(np.mean(npix >= 0.0)))
+    return Calibration(**cal)
+
+
 def calibrate(model, normal, anomalous=None, *, fpr: float = DEFAULT_FPR, pixel_fpr: float | None = None,
-              batch_size: int = 16) -> Calibration:
+              batch_size: int = 16, threshold: str = "auto") -> Calibration:
     """Predict the validation data sets with ``model`` and return their :class:`Calibration`.
 
     ``normal``: a data set of normal validation images (items with ``"image"``), taken from the
     training side, never the test set. ``anomalous``: optional data set of labelled anomalous
     validation images (items with ``"image"`` and, for an F1-optimal pixel threshold, ``"mask"``;
     a data set with ``has_masks == False`` gives the pixel threshold at ``pixel_fpr``).
+    ``threshold="nfa"``: the a-contrario threshold (see the module docstring): ``model`` is switched
+    to its ``-log10 NFA`` map (:func:`use_nfa_map`); ``normal`` may then be None or empty, and
+    ``anomalous`` is refused (nothing is learnt from labels).
     """
     from ..engine.evaluate import predict_dataset
 
+    if threshold not in THRESHOLDS:
+        raise DefectscopeError(f"unknown threshold rule {threshold!r}; use one of {', '.join(THRESHOLDS)}")
+    if threshold == "nfa":
+        if anomalous is not None and len(anomalous):
+            raise DefectscopeError("--threshold nfa is unsupervised (log10 NFA < 0): it takes no labelled anomalous "
+                                   "images; drop --val-anomalies, or use --threshold auto for an F1-optimal threshold")
+        use_nfa_map(model)
+        if normal is None or len(normal) == 0:
+            return calibrate_nfa()
+        n = predict_dataset(model, normal, batch_size, desc="calibrate (normal)")
+        return calibrate_nfa(n["scores"], n["maps"])
     if normal is None or len(normal) == 0:
         raise DefectscopeError("calibration needs normal validation images (use a validation split > 0)")
     n = predict_dataset(model, normal, batch_size, desc="calibrate (normal)")

@@ -17,10 +17,14 @@ import torch
 
 from ..errors import DefectscopeError, ModelFileError
 
-__all__ = ["Calibration", "normalize", "DEFAULT_FPR"]
+__all__ = ["Calibration", "normalize", "DEFAULT_FPR", "METHODS"]
 
 #: Default false-alarm rate for thresholds learnt from normal images only (1 % of normal images).
 DEFAULT_FPR = 0.01
+
+#: How a threshold is learnt: at a false-alarm rate on normal images, F1-optimal with labelled
+#: anomalies, or a-contrario (log10 NFA < 0, for a map that is -log10 NFA).
+METHODS = ("fpr", "f1", "nfa")
 
 
 def normalize(score: torch.Tensor, threshold: float, scale: float) -> torch.Tensor:
@@ -38,9 +42,11 @@ class Calibration:
         pixel_threshold: raw map value at and above which a pixel is in the mask (``None`` for
             methods without maps).
         pixel_scale: the maps' normalisation scale (``None`` without maps).
-        method: ``"fpr"`` (normal images only) or ``"f1"`` (labelled anomalies given); the pixel
-            threshold's method is ``pixel_method`` (``"f1"`` needs masks).
-        fpr: the false-alarm rate asked for (``None`` for ``"f1"``); ``pixel_fpr`` likewise.
+        method: ``"fpr"`` (normal images only), ``"f1"`` (labelled anomalies given) or ``"nfa"``
+            (the a-contrario threshold of a map that is ``-log10 NFA``, U-Flow's: both thresholds
+            0, i.e. log10 NFA < 0, learnt from no image at all); the pixel threshold's method is
+            ``pixel_method`` (``"f1"`` needs masks).
+        fpr: the false-alarm rate asked for (``None`` for ``"f1"`` and ``"nfa"``); ``pixel_fpr`` likewise.
         n_normal, n_anomalous: validation images used.
         val_fpr: false-alarm rate reached on the normal validation images; ``val_f1``: F1 on the
             validation images (``None`` without anomalies); ``val_pixel_fpr`` / ``val_pixel_f1``
@@ -74,8 +80,8 @@ class Calibration:
         if self.pixel_threshold is not None:
             if not (math.isfinite(self.pixel_threshold) and math.isfinite(self.pixel_scale) and self.pixel_scale > 0):
                 raise ValueError(f"calibration: bad pixel threshold/scale {self.pixel_threshold!r}/{self.pixel_scale!r}")
-        if self.method not in ("fpr", "f1"):
-            raise ValueError(f"calibration: method must be 'fpr' or 'f1', got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"calibration: method must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
 
     # -- the rule ---------------------------------------------------------------------------------
     def normalize(self, score: torch.Tensor) -> torch.Tensor:
@@ -116,8 +122,12 @@ class Calibration:
 
     def describe(self) -> str:
         """One line for people: the rule and how it was learnt."""
-        how = (f"F1-optimal on {self.n_normal} normal + {self.n_anomalous} anomalous validation images"
-               if self.method == "f1" else
-               f"false-alarm rate <= {self.fpr:g} on {self.n_normal} normal validation images")
+        if self.method == "nfa":
+            how = ("a-contrario: log10 NFA < 0, expected false detections per normal image <= 1 under the "
+                   "null hypothesis; no validation image needed")
+        elif self.method == "f1":
+            how = f"F1-optimal on {self.n_normal} normal + {self.n_anomalous} anomalous validation images"
+        else:
+            how = f"false-alarm rate <= {self.fpr:g} on {self.n_normal} normal validation images"
         px = "" if self.pixel_threshold is None else f", pixel threshold {self.pixel_threshold:.6g} ({self.pixel_method})"
         return f"image threshold {self.image_threshold:.6g} ({how}){px}"

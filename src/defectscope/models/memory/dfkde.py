@@ -25,6 +25,10 @@ log-sum-exp (anomalib takes ``log(p + 1e-300)``, which saturates far from the da
 ResNet18 needs ImageNet weights that cannot be downloaded here; the default backbone is
 EfficientNet-Lite0 (embedded weights) with its deepest layer, ``blocks.6`` (stride 32 as
 ``layer4``, 320 channels).
+
+Speed: the frozen backbone runs, in fit and predict, as a BatchNorm-folded copy in the
+``channels_last`` memory format (:func:`defectscope.models.memory._features.inference_backbone`;
+the same numbers up to float rounding).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 from ...training import auto_device
 from ...errors import DefectscopeError
 from ...ops import KDEResult, PCAResult, fit_gaussian_kde, fit_pca, kde_log_density, pca_transform
-from ._features import dataset_features, deepest_layer, global_pool
+from ._features import InferenceCache, dataset_features, deepest_layer, global_pool, inference_backbone
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
 from ..cost import Cost
@@ -109,13 +113,14 @@ class Dfkde(BackboneModel):
 
     def _build(self, pretrained: bool = True) -> None:
         self.build_backbone(pretrained)
+        self._inference = InferenceCache()
         for key, shape in (("pca_mean", (0,)), ("pca_components", (0, 0)), ("max_length", ()),
                            ("kde_points", (0, 0)), ("kde_transform", (0, 0)), ("kde_log_norm", ())):
             self.register_buffer(key, torch.zeros(shape, dtype=torch.float64))
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
         """The pooled features ``[B, C]`` (the layers' pooled vectors side by side)."""
-        feats = self.backbone(images)
+        feats = inference_backbone(self._inference, self.backbone)(images)
         return torch.cat([global_pool(feats[layer]) for layer in self.layers], dim=1)
 
     def _scale(self, z: torch.Tensor) -> torch.Tensor:
