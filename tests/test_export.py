@@ -107,6 +107,29 @@ def test_onnx_export_matches_pytorch(name, model_dirs, synth_root, tmp_path):
     np.testing.assert_allclose(got["score"], pred.score.numpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("valid_up_to,want", [(20, "dynamic"), (4, 1)])
+def test_a_graph_whose_blocks_depend_on_the_batch_is_fed_within_its_checked_batch(
+        valid_up_to, want, model_dirs, synth_root, tmp_path, monkeypatch):
+    """PaDiM's Mahalanobis distances size their blocks of positions from the batch; traced at batch
+    2, its graph computes one block only, which covers every position up to some batch (40 images
+    at 256 px). Shrunk here so that it covers ``valid_up_to`` images: a dynamic graph is checked at
+    MAX_DYNAMIC_BATCH images and fed at most that many; one that fails the check is exported for
+    batch 1. Either way, 40 images give PyTorch's scores."""
+    import defectscope.ops.gaussian as gaussian
+    from defectscope.deploy.export import MAX_DYNAMIC_BATCH
+
+    assert 4 < MAX_DYNAMIC_BATCH <= 20
+    model = load_model(model_dirs["padim"])
+    positions, dims = (SIZE // 4) ** 2, model.mean.shape[1]
+    monkeypatch.setattr(gaussian, "_BUDGET_ELEMS", 2 * valid_up_to * dims * positions)
+    report = export_model(model, tmp_path / "padim", "onnx", resize=False, check=False, optimize=False)
+    assert report.batch == want
+    test = load_dataset(f"mvtec:{synth_root}", "washer", "test", image_size=SIZE, channels=model.channels)
+    images = torch.stack([test[i % len(test)]["image"] for i in range(40)])
+    got = load_exported(report.path).run(images)["score"]
+    np.testing.assert_allclose(got, model.predict(images).score.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_openvino_export_and_int8_through_the_cli(model_dirs, synth_root, tmp_path, capsys):
     pytest.importorskip("openvino")
     model = load_model(model_dirs["sae"])

@@ -31,8 +31,9 @@ Export goes through ``torch.export`` (non-strict) and the ``torch.onnx`` dynamo 
 converts the ONNX file (``openvino.convert_model``) and saves FP32 weights (``compress_to_fp16``
 off), or INT8 weights with ``int8=True`` (``nncf.compress_weights``, 8-bit asymmetric per-channel
 weight compression; activations stay float). The batch dimension is dynamic when the method's code
-allows it, which is verified by running the ONNX file on a batch size and an input size it was not
-traced with; methods whose ``_predict`` bakes the batch size into the graph (PatchCore's blocked
+allows it, which is verified by running the ONNX file on batch sizes (3 and
+:data:`MAX_DYNAMIC_BATCH`) and input sizes it was not traced with, and :class:`ExportedModel`
+feeds such a graph at most :data:`MAX_DYNAMIC_BATCH` images per call; methods whose ``_predict`` bakes the batch size into the graph (PatchCore's blocked
 k-NN loops over the number of patches) are exported for batch 1 and :class:`ExportedModel` feeds
 them one image at a time. A method whose
 ``_predict`` cannot be traced (numpy or Python control flow on tensor values) raises
@@ -81,11 +82,14 @@ from torch import nn
 
 from ..errors import DefectscopeError
 
-__all__ = ["FORMATS", "ExportError", "ExportReport", "ExportedModel", "InferenceGraph", "export_model",
+__all__ = ["FORMATS", "MAX_DYNAMIC_BATCH", "ExportError", "ExportReport", "ExportedModel", "InferenceGraph", "export_model",
            "load_exported", "check_parity", "resize_matrix", "check_images"]
 
 #: Export formats understood by :func:`export_model`.
 FORMATS = ("onnx", "openvino")
+#: The largest batch a graph with a dynamic batch is checked at (:func:`_generalises`) and fed
+#: (:meth:`ExportedModel.run` splits larger ones).
+MAX_DYNAMIC_BATCH = 16
 _SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}
 _META_KEY = "defectscope"
 _INSTALL = {"onnx": "pip install 'defectscope[export]' (onnx, onnxscript, onnxruntime)",
@@ -257,19 +261,26 @@ def _trace(graph: InferenceGraph, resize: bool, batch) -> "torch.export.Exported
 
 
 def _generalises(onnx_file: Path, graph: InferenceGraph, resize: bool) -> bool:
-    """Whether the ONNX file gives PyTorch's results on a batch size (and an input size) it was
-    not traced with. A size can be baked into a graph whose input is nominally dynamic (a Python
-    loop over a data-dependent size, as in PatchCore's blocked k-NN; torch.export's guards for it
-    do not survive in ONNX): running the file on other shapes is the reliable test."""
-    x = _example(graph.model, 3, resize, extra=(9, 2))
-    try:
-        got = ExportedModel(onnx_file, batch="dynamic", quiet=True).run(x)
-    except Exception:  # noqa: BLE001 - any failure means: not dynamic
-        return False
-    with torch.no_grad():
-        want = graph(x)
-    return all(got[n].shape == tuple(w.shape) and np.allclose(got[n], w.numpy(), rtol=1e-3, atol=1e-4)
-               for n, w in zip(graph.output_names, want) if w.dtype != torch.bool)
+    """Whether the ONNX file gives PyTorch's results on batch sizes (and input sizes) it was not
+    traced with: 3 and :data:`MAX_DYNAMIC_BATCH`. A size can be baked into a graph whose input is
+    nominally dynamic (a Python loop over a data-dependent size, as in PatchCore's blocked k-NN, or
+    blocks sized from the batch, as in PaDiM's Mahalanobis distances, whose graph traced at batch 2
+    computed only the first block of positions beyond 40 images at 256 px; torch.export's guards
+    for it do not survive in ONNX): running the file on other shapes is the reliable test, and
+    :class:`ExportedModel` never feeds a dynamic graph more than the largest batch checked."""
+    exported = ExportedModel(onnx_file, batch="dynamic", quiet=True)
+    for n, extra in ((3, (9, 2)), (MAX_DYNAMIC_BATCH, (4, 7))):
+        x = _example(graph.model, n, resize, extra=extra)
+        try:
+            got = exported.run(x)
+        except Exception:  # noqa: BLE001 - any failure means: not dynamic
+            return False
+        with torch.no_grad():
+            want = graph(x)
+        if not all(got[k].shape == tuple(w.shape) and np.allclose(got[k], w.numpy(), rtol=1e-3, atol=1e-4)
+                   for k, w in zip(graph.output_names, want) if w.dtype != torch.bool):
+            return False
+    return True
 
 
 def _metadata(model, graph: InferenceGraph, batch, fmt: str, int8: bool, full_int8: bool = False) -> dict:
@@ -503,7 +514,8 @@ class ExportedModel:
     """An exported file loaded in its runtime (onnxruntime for ``.onnx``, OpenVINO for ``.xml``).
 
     :meth:`run` maps ``images`` ``[B, C, H, W]`` (float32 in [0, 1]) to a dict of numpy outputs,
-    in batches of the exported batch size when that is fixed.
+    in batches of the exported batch size when that is fixed, of at most :data:`MAX_DYNAMIC_BATCH`
+    when it is dynamic.
     """
 
     def __init__(self, path, threads: Optional[int] = None, batch=None, quiet: bool = False) -> None:
@@ -559,7 +571,7 @@ class ExportedModel:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim == 3:
             x = x[None]
-        step = x.shape[0] if self.batch == "dynamic" else int(self.batch)
+        step = min(x.shape[0], MAX_DYNAMIC_BATCH) if self.batch == "dynamic" else int(self.batch)
         parts = [self._call(x[i:i + step]) for i in range(0, x.shape[0], step)]
         return {k: np.concatenate([p[k] for p in parts]) for k in self.output_names}
 

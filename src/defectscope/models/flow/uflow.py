@@ -322,7 +322,8 @@ class UFlow(BackboneModel):
                 weights="backbone", export="dynamic", input="rgb")
     cost = Cost(predict=0.263, fit=0.571, epoch=0.0712, passes="epochs",  # benchmarks/costs.py --threads 1
                 measured="benchmarks/costs.py --threads 1, synthetic:washer 256 px, 2026-12-02, shared machine under "
-                         "load 9 (2 threads there: OpenMP contention); re-run on a quiet machine")
+                         "load 9 (with 2 threads under load its many small ops ran 8x slower: OpenMP contention); "
+                         "re-run on a quiet machine")
     smoke = {"image_size": 64, "epochs": 1, "batch_size": 4}
     #: The parameter value that makes the anomaly map (and score) ``-log10 NFA``: what
     #: ``defectscope.deploy.threshold`` needs for the a-contrario threshold (``--threshold nfa``).

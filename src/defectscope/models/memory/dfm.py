@@ -28,8 +28,11 @@ grid is coarse (16 / 4 = 4 x 4 cells at 256 px): the map localises only roughly.
 
 Speed: the frozen backbone runs, in fit and predict, as a BatchNorm-folded copy in the
 ``channels_last`` memory format (:func:`defectscope.models.memory._features.inference_backbone`;
-the same numbers up to float rounding). The unfolded NCHW network cost most of the 28 ms of a
-256 px prediction (2 threads) against 7.5 ms for the exported graph, which folds the same way.
+the same numbers up to float rounding). The backbone is nearly all of a prediction (the PCA and
+the map take about 8 ms of 78 at 1 thread); folding took a 256 px, batch-1 prediction from 44 to
+32 ms (2 threads, paired, on a loaded machine). The exported graph does it in 10 ms: eager
+PyTorch still runs each ReLU6, each TF-"same" pad and each 1x1 convolution (an im2col GEMM) as a
+separate pass, which OpenVINO fuses.
 """
 
 from __future__ import annotations
