@@ -186,7 +186,7 @@ try:
     record["loadavg_before"] = os.getloadavg()
     t0 = time.perf_counter()
     record.update(run_experiment(spec["model"], params, data=spec["data"], category=spec["category"],
-                                 seed=spec["seed"]))
+                                 seed=spec["seed"], n_latency=spec.get("n_latency") or 50))
     record["wall_s"] = time.perf_counter() - t0
     record["params_dropped"] = dropped
     record["torch_threads"] = torch.get_num_threads()
@@ -203,11 +203,14 @@ finally:
 
 
 def run_ours(model: str, params: dict, root: Path, category: str, threads: int, out_json: Path,
-             seed: int = 0, timeout: float | None = 7200, quiet_load: float | None = None) -> dict:
+             seed: int = 0, timeout: float | None = 7200, quiet_load: float | None = None,
+             n_latency: int | None = None) -> dict:
     """defectscope's side in a fresh process; ``{"error": "not implemented: ...",
-    "not_implemented": True}`` when the model (or the package) is not there yet."""
+    "not_implemented": True}`` when the model (or the package) is not there yet. ``n_latency``:
+    batch-1 calls timed (default 50, the runner's default too)."""
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    spec = {"model": model, "params": params, "data": f"mvtec:{root}", "category": category, "seed": seed}
+    spec = {"model": model, "params": params, "data": f"mvtec:{root}", "category": category, "seed": seed,
+            "n_latency": n_latency}
     env = _env(threads)
     env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-c", _OURS, str(threads), str(out_json), json.dumps(spec)]
@@ -291,8 +294,8 @@ def reference_metrics(rec: dict) -> dict:
 
     metrics = import_defectscope("defectscope.metrics")
     arr = {k: np.load(p) for k, p in rec["arrays"].items()}
-    return metrics.compute_metrics(scores=arr["scores"], labels=arr["labels"], maps=arr["maps"],
-                                   masks=arr["masks"])
+    return metrics.compute_metrics(scores=arr["scores"], labels=arr["labels"], maps=arr.get("maps"),
+                                   masks=arr.get("masks") if "maps" in arr else None)  # image-only: no maps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,6 +310,8 @@ class Case:
     reported), ``reference`` the runner's options (``coreset_ratio`` -> ``--coreset-ratio``).
     ``link`` maps a key of defectscope's resolved ``params`` to a runner option, filled from our
     first run (e.g. the feature count PaDiM keeps), so both sides use the same value.
+    ``image_size``: this case's side on both sides, in place of the run's (e.g. GANomaly at 64 px).
+    ``n_latency``: batch-1 calls timed on both sides (default 50) for slow models.
     """
 
     name: str
@@ -316,6 +321,8 @@ class Case:
     reference: dict = field(default_factory=dict)
     link: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    image_size: int | None = None
+    n_latency: int | None = None
 
 
 def _median(values: list) -> float | None:
@@ -329,14 +336,17 @@ def run_case(case: Case, root: Path, category: str, *, threads: int = 2, repeats
              timeout: float | None = 7200, quiet_load: float | None = None) -> dict:
     """Run ``case`` ``repeats`` times on both sides, interleaved: ours, reference, ours, ..."""
     runs_dir = Path(out_dir) / "runs"
+    image_size = case.image_size or image_size
     ours_runs, ref_runs = [], []
     ref_args = dict(case.reference)
+    if case.n_latency:
+        ref_args.setdefault("n_latency", case.n_latency)
     for i in range(repeats):
         tag = f"{case.name}_{category}_r{i}"
         if not skip_ours:
             rec = run_ours(case.ours_model, {**case.ours, "image_size": image_size}, root, category,
                            threads, runs_dir / f"ours_{tag}.json", seed=seed, timeout=timeout,
-                           quiet_load=quiet_load)
+                           quiet_load=quiet_load, n_latency=case.n_latency)
             ours_runs.append(rec)
             for our_key, ref_key in case.link.items():
                 value = (rec.get("params") or {}).get(our_key)
@@ -349,7 +359,7 @@ def run_case(case: Case, root: Path, category: str, *, threads: int = 2, repeats
                                           runs_dir / f"anomalib_{tag}.json", image_size=image_size,
                                           seed=seed, timeout=timeout, quiet_load=quiet_load))
     return {"case": case.name, "category": category, "ours": ours_runs, "reference": ref_runs,
-            "reference_args": ref_args, "notes": case.notes}
+            "reference_args": ref_args, "notes": case.notes, "image_size": image_size}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -379,7 +389,8 @@ def markdown(results: list[dict], title: str, threads: int, extra_header: Sequen
     for res in results:
         ours, ref = summarize(res["ours"]), summarize(res["reference"])
         n_rep = max(len(res["ours"]), len(res["reference"]))
-        lines += [f"## {res['case']} / {res['category']} ({n_rep} run{'s' if n_rep != 1 else ''} per side)", ""]
+        size = f", {res['image_size']} px" if res.get("image_size") else ""
+        lines += [f"## {res['case']} / {res['category']} ({n_rep} run{'s' if n_rep != 1 else ''} per side{size})", ""]
         lines += ["| metric | defectscope | anomalib | ratio |", "|---|---:|---:|---:|"]
         for key, label, fmt, _lower in ROWS:
             a, b = ours.get(key), ref.get(key)

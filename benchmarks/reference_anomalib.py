@@ -53,6 +53,26 @@ The flows (``cflow``, ``fastflow``, ``csflow``, ``uflow``):
 * CS-Flow hard-codes torchvision's EfficientNet-B5 (ImageNet weights downloaded from
   download.pytorch.org, 304 channels): it runs only with ``efficientnet_b5_lukemelas-1a07897c.pth``
   in ``$TORCH_HOME/hub/checkpoints``, or with ``--random-weights`` (timing only).
+
+The reconstruction models (``draem``, ``dsr``, ``ganomaly``; no backbone, each model's own
+pre-processor: resize only for DRAEM and DSR, which refuse a Normalize step, resize + ImageNet
+mean/std for GANomaly):
+
+* DRAEM: ``--anomaly-source-dir DIR`` is passed as ``dtd_dir`` (the texture images that fill the
+  Perlin masks); without it an empty folder is, and anomalib then fills the masks with the Perlin
+  noise itself (its behaviour without DTD; it downloads DTD only when ``dtd_dir`` is not a folder).
+  ``--beta LO,HI``: the blend range (anomalib's default 0.1,1.0).
+* DSR: its discrete model (VQ-VAE) is never trained by anomalib; ``Dsr.on_train_start`` loads
+  ``vq_model_pretrained_128_4096.pckl`` from ``get_pretrained_weights_dir()/dsr`` and downloads it
+  when missing. ``--vq-weights FILE`` (anomalib's key layout; ``benchmarks/reconstruction.py``
+  converts defectscope's VQ-VAE) is checked against a strict ``load_state_dict`` and written there,
+  under a private ``XDG_CACHE_HOME``: nothing of anomalib is patched. ``--vq-embedding-dim``,
+  ``--vq-num-embeddings``, ``--vq-num-hiddens`` rebuild its torch model at another size.
+  The stages are counted in epochs: ``int(epochs * upsampling_train_ratio)`` epochs of the
+  reconstruction / anomaly-detection stage, then the upsampling module (on Perlin masks filled with
+  Perlin noise: anomalib's ``PerlinAnomalyGenerator()`` without a source folder).
+* GANomaly: image-only (no anomaly map: no pixel metrics, no ``maps``/``masks`` arrays);
+  ``--batch-size``, ``--latent-vec-size``, ``--gan-features``, ``--lr``.
 """
 
 from __future__ import annotations
@@ -76,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    choices=["patchcore", "padim", "stfpm", "reverse_distillation", "efficientad",
-                            "cflow", "fastflow", "csflow", "uflow"])
+                            "cflow", "fastflow", "csflow", "uflow", "draem", "dsr", "ganomaly"])
     p.add_argument("--data", required=True, help="MVTec-layout root (holds <category>/train, test, ground_truth)")
     p.add_argument("--category", required=True)
     p.add_argument("--image-size", type=int, default=256)
@@ -113,10 +133,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-weights", action="store_true",
                    help="backbone with random weights (timing only: the accuracy is meaningless); for the "
                         "backbones without offline ImageNet weights (resnet18; CS-Flow's EfficientNet-B5)")
+    # the reconstruction models (DRAEM, DSR, GANomaly)
+    p.add_argument("--anomaly-source-dir", default=None,
+                   help="DRAEM: folder of texture images that fill the Perlin masks (anomalib's dtd_dir); default: "
+                        "an empty folder, so anomalib fills them with the Perlin noise itself (what it does without "
+                        "DTD images) and never downloads DTD")
+    p.add_argument("--beta", default=None, help="DRAEM: blend factor range LO,HI (anomalib's default 0.1,1.0)")
+    p.add_argument("--vq-weights", default=None,
+                   help="DSR: the discrete model's (VQ-VAE) weights in anomalib's key layout, a state dict "
+                        "(.safetensors, or .pth/.pt read with weights_only=True); installed where anomalib looks for "
+                        "its download (vq_model_pretrained_128_4096.pckl under a private XDG_CACHE_HOME)")
+    p.add_argument("--vq-embedding-dim", type=int, default=None, help="DSR: codebook vector size (anomalib 128)")
+    p.add_argument("--vq-num-embeddings", type=int, default=None, help="DSR: codebook size (anomalib 4096)")
+    p.add_argument("--vq-num-hiddens", type=int, default=None, help="DSR: VQ-VAE hidden channels (anomalib 128)")
+    p.add_argument("--latent-anomaly-strength", type=float, default=None, help="DSR: anomalib's default 0.2")
+    p.add_argument("--upsampling-train-ratio", type=float, default=None,
+                   help="DSR: share of the epochs before the upsampling module's stage (anomalib's default 0.7)")
+    p.add_argument("--latent-vec-size", type=int, default=None, help="GANomaly: latent size (anomalib 100)")
+    p.add_argument("--gan-features", type=int, default=None, help="GANomaly: n_features (anomalib 64)")
     p.add_argument("--batch-size", type=int, default=32, help="train and eval batch size")
-    p.add_argument("--normalize", choices=["backbone", "imagenet"], default="backbone",
-                   help="input normalisation: the backbone's own (timm pretrained_cfg) or anomalib's "
-                        "stock ImageNet mean/std")
+    p.add_argument("--normalize", choices=["backbone", "imagenet", "none"], default="backbone",
+                   help="input normalisation: the backbone's own (timm pretrained_cfg), anomalib's stock ImageNet "
+                        "mean/std, or none; the models without a backbone use their own pre-processor's choice "
+                        "(DRAEM, DSR: none, they refuse Normalize; GANomaly: ImageNet)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-latency", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
@@ -323,7 +362,7 @@ def build_pre_processor(args, mean, std):
 
     size = (args.image_size, args.image_size)
     steps = [Resize(size, antialias=True)]
-    if args.model != "efficientad":  # EfficientAD normalises inside its networks
+    if args.model != "efficientad" and args.normalize != "none":  # EfficientAD normalises inside its networks
         if args.normalize == "imagenet":
             mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
         steps.append(Normalize(mean=list(mean), std=list(std)))
@@ -378,6 +417,31 @@ def build_model(args, layers, pre_processor, evaluator):
             if getattr(args, flag) is not None:
                 params[key] = getattr(args, flag)
         model = am.Csflow(**params, **common)
+    elif args.model == "draem":
+        params = {"dtd_dir": str(args.anomaly_source_root)}
+        if args.beta:
+            params["beta"] = tuple(float(v) for v in args.beta.split(","))
+        model = am.Draem(**params, **common)
+    elif args.model == "dsr":
+        params = {}
+        for key in ("latent_anomaly_strength", "upsampling_train_ratio"):
+            if getattr(args, key) is not None:
+                params[key] = getattr(args, key)
+        model = am.Dsr(**params, **common)
+        dims = {k: getattr(args, f) for k, f in (("embedding_dim", "vq_embedding_dim"),
+                                                  ("num_embeddings", "vq_num_embeddings"),
+                                                  ("num_hiddens", "vq_num_hiddens")) if getattr(args, f) is not None}
+        if dims:  # another codebook / width than anomalib's default: rebuild its torch model with them
+            from anomalib.models.image.dsr.torch_model import DsrModel
+
+            model.model = DsrModel(params.get("latent_anomaly_strength", 0.2), **dims)
+            params.update(dims)
+    elif args.model == "ganomaly":
+        params = {"batch_size": args.batch_size}
+        for key, flag in (("latent_vec_size", "latent_vec_size"), ("n_features", "gan_features"), ("lr", "lr")):
+            if getattr(args, flag) is not None:
+                params[key] = getattr(args, flag)
+        model = am.Ganomaly(**params, **common)
     elif args.model == "reverse_distillation":
         if not args.backbone.startswith(("resnet", "wide_resnet", "resnext")):
             raise SystemExit(
@@ -463,12 +527,15 @@ def raw_predictions(lm, loader):
             out = model(image)
             scores.append(out.pred_score.reshape(-1).float().numpy())
             amap = out.anomaly_map
-            amap = amap.reshape(amap.shape[0], *amap.shape[-2:])
-            maps.append(amap.float().numpy())
+            if amap is not None:  # None: an image-only model (GANomaly)
+                amap = amap.reshape(amap.shape[0], *amap.shape[-2:])
+                maps.append(amap.float().numpy())
             labels.append(np.asarray(batch.gt_label).reshape(-1).astype(int))
             masks.append(np.asarray(mask).reshape(mask.shape[0], *mask.shape[-2:]).astype(bool))
-    return {"scores": np.concatenate(scores), "labels": np.concatenate(labels),
-            "maps": np.concatenate(maps).astype(np.float32), "masks": np.concatenate(masks)}, first
+    out = {"scores": np.concatenate(scores), "labels": np.concatenate(labels)}
+    if maps:
+        out.update(maps=np.concatenate(maps).astype(np.float32), masks=np.concatenate(masks))
+    return out, first
 
 
 def anomalib_metrics_raw(arr) -> dict:
@@ -489,12 +556,14 @@ def anomalib_metrics_raw(arr) -> dict:
         return torch.from_numpy(((a - lo) / (hi - lo) if hi > lo else a * 0).astype(np.float32))
 
     s, y = unit(arr["scores"]), torch.from_numpy(arr["labels"]).int()
-    m, g = unit(arr["maps"]), torch.from_numpy(arr["masks"]).int()
-    for key, metric, batch in (
-        ("image_auroc", AUROC(fields=["pred_score", "gt_label"]), SimpleNamespace(pred_score=s, gt_label=y)),
-        ("pixel_auroc", AUROC(fields=["anomaly_map", "gt_mask"]), SimpleNamespace(anomaly_map=m, gt_mask=g)),
-        ("aupro", AUPRO(fields=["anomaly_map", "gt_mask"]), SimpleNamespace(anomaly_map=m, gt_mask=g)),
-    ):
+    todo = [("image_auroc", AUROC(fields=["pred_score", "gt_label"]), SimpleNamespace(pred_score=s, gt_label=y))]
+    if "maps" in arr:  # not for an image-only model
+        m, g = unit(arr["maps"]), torch.from_numpy(arr["masks"]).int()
+        todo += [("pixel_auroc", AUROC(fields=["anomaly_map", "gt_mask"]), SimpleNamespace(anomaly_map=m, gt_mask=g)),
+                 ("aupro", AUPRO(fields=["anomaly_map", "gt_mask"]), SimpleNamespace(anomaly_map=m, gt_mask=g))]
+    else:
+        out.update(pixel_auroc=None, aupro=None)
+    for key, metric, batch in todo:
         try:
             metric.update(batch)
             out[key] = float(metric.compute())
@@ -597,6 +666,107 @@ def prepare_efficientad_offline(args, work: Path) -> dict:
             "n_penalty_flat": len(flat)}
 
 
+#: The reconstruction models: no backbone; the input normalisation of each one's own pre-processor.
+RECONSTRUCTION = {"draem": "none", "dsr": "none", "ganomaly": "imagenet"}
+#: The file anomalib's DSR downloads (``Dsr.prepare_pretrained_model``) unless it is already in
+#: ``get_pretrained_weights_dir() / "dsr"``.
+DSR_VQ_FILE = "vq_model_pretrained_128_4096.pckl"
+
+
+def _private_xdg(work: Path) -> Path:
+    """Point platformdirs' user cache (anomalib's ``get_pretrained_weights_dir()``) at a folder of
+    the work directory, so nothing is written to the user's own cache."""
+    xdg = work / "xdg-cache"
+    os.environ["XDG_CACHE_HOME"] = str(xdg)
+    return xdg
+
+
+def _load_state(path: Path) -> dict:
+    """A state dict from ``.safetensors`` or, without unpickling, a torch file."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _install_dsr_weights(state: dict, work: Path) -> str:
+    """Write ``state`` (the discrete model's state dict) where anomalib's DSR looks before it
+    downloads: ``get_pretrained_weights_dir() / "dsr" / DSR_VQ_FILE`` under a private
+    XDG_CACHE_HOME. ``Dsr.on_train_start`` then loads it with ``torch.load(weights_only=True)``
+    and ``load_state_dict`` (strict)."""
+    import torch
+
+    xdg = _private_xdg(work)
+    from anomalib.utils.path import get_pretrained_weights_dir
+
+    target_dir = get_pretrained_weights_dir() / "dsr"
+    if not str(target_dir).startswith(str(xdg)):
+        raise SystemExit(f"anomalib's pretrained-weights dir {target_dir} is not under {xdg}; refusing to write there")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / DSR_VQ_FILE
+    torch.save({k: v.contiguous() for k, v in state.items()}, target)
+    return str(target)
+
+
+def prepare_dsr_offline(args, work: Path) -> dict:
+    """Make anomalib's DSR run offline (anomalib 2.7, ``models/image/dsr/lightning_model.py``):
+    ``Dsr.on_train_start`` calls ``prepare_pretrained_model``, which downloads
+    ``dsr_vq_model_pretrained.zip`` only when ``get_pretrained_weights_dir() / "dsr" /
+    "vq_model_pretrained_128_4096.pckl"`` is missing. ``--vq-weights`` (anomalib's key layout,
+    e.g. defectscope's VQ-VAE converted by ``benchmarks/reconstruction.py``) is checked against a
+    ``DiscreteLatentModel`` of the requested size (strict keys and shapes) and written there, under a
+    private XDG_CACHE_HOME. Nothing of anomalib's code is patched. ``--random-weights``: the
+    model's own random initialisation is written instead (timing only)."""
+    from anomalib.models.image.dsr.torch_model import DiscreteLatentModel
+
+    dims = {"num_hiddens": args.vq_num_hiddens or 128, "num_residual_layers": 2, "num_residual_hiddens": 64,
+            "num_embeddings": args.vq_num_embeddings or 4096, "embedding_dim": args.vq_embedding_dim or 128}
+    if args.vq_weights is None:
+        if not args.random_weights:
+            raise SystemExit("dsr offline needs --vq-weights FILE (the discrete model in anomalib's key layout; "
+                             "benchmarks/reconstruction.py converts defectscope's) or --random-weights (timing only); "
+                             f"anomalib would otherwise download {DSR_VQ_FILE}")
+        log("dsr: random VQ-VAE weights (--random-weights): timing only")
+        return {"vq_weights": "random (timing only)", "dims": dims}
+    src = Path(args.vq_weights).expanduser().resolve()
+    state = _load_state(src)
+    probe = DiscreteLatentModel(**dims)
+    try:
+        probe.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise SystemExit(f"--vq-weights {src} does not fit anomalib's DiscreteLatentModel({dims}): "
+                         f"{str(exc).splitlines()[0]}") from exc
+    target = _install_dsr_weights(state, work)
+    log(f"dsr offline: VQ-VAE weights {src} -> {target}")
+    return {"vq_weights": str(src), "installed": target, "dims": dims, "n_tensors": len(state)}
+
+
+def prepare_draem_offline(args, work: Path) -> dict:
+    """DRAEM's anomaly source, offline (anomalib 2.7, ``models/image/draem/lightning_model.py``):
+    ``Draem(dtd_dir=...)`` downloads DTD only when ``dtd_dir`` is not a directory; its
+    ``PerlinAnomalyGenerator`` then fills the Perlin masks with a random image of that folder
+    (``rglob`` over the image extensions), or, when the folder holds none, with the Perlin noise
+    itself (``noise * 0.5 + 0.25``, grey, through the same random augmentations). ``--anomaly-source-dir``
+    is passed as ``dtd_dir``; without it an empty folder of the work directory is, i.e. Perlin-only."""
+    if args.anomaly_source_dir:
+        root = Path(args.anomaly_source_dir).expanduser().resolve()
+        if not root.is_dir():
+            raise SystemExit(f"--anomaly-source-dir {root} is not a folder (anomalib would try to download DTD there)")
+        kind = "folder"
+    else:
+        root = work / "no-texture"
+        root.mkdir(parents=True, exist_ok=True)
+        kind = "none (Perlin noise fills the masks)"
+    args.anomaly_source_root = root
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    n = sum(1 for f in root.rglob("*") if f.suffix.lower() in exts)
+    log(f"draem anomaly source: {kind}, {root} ({n} images)")
+    return {"anomaly_source": kind, "dtd_dir": str(root), "n_images": n}
+
+
 def main(args) -> dict:
     out_path = Path(args.out).expanduser().resolve()
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -635,6 +805,13 @@ def main(args) -> dict:
     elif args.model == "csflow":
         record["backbone"] = _csflow_backbone(args)
         args.normalize = "imagenet"  # torchvision's EfficientNet-B5: ImageNet mean / std
+    elif args.model in RECONSTRUCTION:
+        # no backbone; each model's own default pre-processor (DRAEM / DSR refuse a Normalize step)
+        args.normalize = RECONSTRUCTION[args.model]
+        if args.model == "dsr":
+            record["dsr_offline"] = prepare_dsr_offline(args, Path(work))
+        elif args.model == "draem":
+            record["draem_offline"] = prepare_draem_offline(args, Path(work))
     elif args.random_weights:
         record["weights"] = {"random": True, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     else:
@@ -657,6 +834,9 @@ def main(args) -> dict:
     record["layers_used"] = list(lm.model.layers) if hasattr(lm.model, "layers") else layers
 
     split = {}
+    if args.model == "dsr" and args.vq_weights is None and args.random_weights:
+        record["dsr_offline"]["installed"] = _install_dsr_weights(lm.model.discrete_latent_model.state_dict(),
+                                                                  Path(work))
     if args.model == "efficientad":
         # batch 1 (anomalib refuses anything else); the map quantiles from 10 % of the TRAINING
         # images, as defectscope (anomalib's default validation split is the test set)

@@ -165,7 +165,7 @@ def test_real_time_pick_ruled_out_by_a_measured_latency(records):
 def test_planned_methods_are_listed_not_errors(records):
     a = run(records)
     planned = planned_methods()
-    assert {"draem", "winclip", "dinomaly"} <= set(planned)
+    assert {"winclip", "dinomaly"} <= set(planned)
     assert a.planned == planned and not set(planned) & set(MODELS)
     assert not set(planned) & set(names(a.ranked) + names(a.ruled_out) + names(a.unmeasured))
     assert set(GUIDE_NAMES.values()) == set(planned) | (set(GUIDE_NAMES.values()) & set(MODELS))

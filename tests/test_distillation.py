@@ -12,7 +12,8 @@ from defectscope.data import load_dataset
 from defectscope.engine import evaluate
 from defectscope.errors import DefectscopeError
 from defectscope.models import create_model, load_model
-from defectscope.models.distillation._common import InferenceCache, fold_batchnorm, fuse_level_maps
+from defectscope.models._inference import InferenceCache, fold_batchnorm
+from defectscope.models.distillation._common import fuse_level_maps
 from defectscope.models.distillation.reverse_distillation import rd_level_maps, rd_loss
 from defectscope.models.distillation.stfpm import stfpm_level_maps, stfpm_loss
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.models import create_model
-from defectscope.models.memory._features import global_pool, inference_backbone
+from defectscope.models._inference import inference_backbone
+from defectscope.models.memory._features import global_pool
 from defectscope.ops import KDEResult, PCAResult, kde_log_density, pca_inverse_transform, pca_transform
 
 

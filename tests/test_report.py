@@ -200,3 +200,53 @@ def test_speed_accuracy_labels_do_not_overlap_and_auroc_stops_at_one():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def _few_shot_dir(out: Path, shots: tuple[int, ...]) -> Path:
+    """A few-shot benchmark directory: two models, ``shots``, seeds 0-2, two categories (no artifacts)."""
+    base = {"dataset": "synthetic", "data": "synthetic", "setting": "few-shot", "params": {}, "error": None,
+            "latency_ms": 10.0, "fit_s": 1.0, "peak_rss_mb": 100.0}
+    for model in ("draem", "padim"):
+        for k in shots:
+            for seed in (0, 1, 2):
+                for j, cat in enumerate(("washer", "fabric")):
+                    auc = 0.5 + 0.1 * np.log2(k) / 4 + 0.01 * seed + 0.02 * j + (0.1 if model == "padim" else 0)
+                    append_result(out, {**base, "model": model, "category": cat, "shots": k, "seed": seed,
+                                        "cell_key": f"{model}-{cat}-{k}-{seed}", "image_auroc": auc,
+                                        "pixel_auroc": auc - 0.05})
+    return out
+
+
+def test_few_shot_table_and_plot_of_auroc_against_shots(tmp_path):
+    from defectscope.report.tables import shots_matrix
+
+    out = _few_shot_dir(tmp_path / "few", (1, 4, 16))
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    shots, rows = shots_matrix(records, "image_auroc")
+    assert shots == [1, 4, 16] and [r["model"] for r in rows] == ["draem", "padim"]
+    for row in rows:  # mean and sample std over the seeds of the per-seed category means
+        for k in shots:
+            per_seed = [0.5 + 0.1 * np.log2(k) / 4 + 0.01 * s + 0.01 + (0.1 if row["model"] == "padim" else 0)
+                        for s in (0, 1, 2)]
+            mean, std, n = row[k]
+            assert n == 3 and mean == pytest.approx(np.mean(per_seed)) and std == pytest.approx(np.std(per_seed, ddof=1))
+    build_report(out)
+    png = out / "few_shot.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    with Image.open(png) as im:
+        assert im.size[0] >= 600  # two panels: image and pixel AUROC
+    text = (out / "report.html").read_text()
+    assert "Few-shot: AUROC against the number of shots" in text and 'alt="AUROC against shots"' in text
+    assert "Blind setting" not in text  # few-shot records get their own section, not the blind one
+    md = (out / "results.md").read_text()
+    assert "| model | 1-shot | 4-shot | 16-shot | seeds |" in md
+    mean1 = 100 * np.mean([0.51 + 0.01 * s for s in (0, 1, 2)])
+    assert f"| draem | {mean1:.1f} ± 1.0 |" in md
+
+
+def test_no_shots_plot_with_a_single_shot_count(tmp_path):
+    out = _few_shot_dir(tmp_path / "one", (4,))
+    build_report(out)
+    assert not (out / "few_shot.png").exists()
+    text = (out / "report.html").read_text()
+    assert "Few-shot: AUROC against the number of shots" in text and 'alt="AUROC against shots"' not in text

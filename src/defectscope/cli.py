@@ -246,6 +246,59 @@ def cmd_advise(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import require_extra
+
+    require_extra()
+    from .serve.app import ServeConfig, parse_model_args
+    from .serve.server import run
+
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise DefectscopeError(f"serve: --api-key-env {args.api_key_env}: that environment variable is not set "
+                                   "or empty")
+    models = parse_model_args(args.model_dirs)
+    config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), api_key=key,
+                         reports=args.reports or (), workers=args.workers, device=args.device, runtime=args.runtime)
+    run(models, config, host=args.host, port=args.port, log_level=args.log_level, drain_timeout=args.drain_timeout)
+    return 0
+
+
+def _serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="serve saved models over HTTP (API, metrics, the inspector's page at /)",
+                       description="Needs the serve extra: pip install 'defectscope[serve]'. Endpoints: "
+                                   "POST /v1/models/NAME/predict (and predict:batch), GET /v1/models, /healthz, "
+                                   "/readyz, /metrics, /docs; the inspector's page at /.")
+    s.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="model directories (served under their folder "
+                   "name) or NAME=MODEL_DIR")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--max-batch", type=int, default=8, help="most images in one forward pass (default 8; 1: no "
+                   "micro-batching)")
+    s.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first image of a batch waits for "
+                   "others (default 5 ms)")
+    s.add_argument("--queue-size", type=int, default=64, help="most images a model holds at once; beyond: 503 with "
+                   "Retry-After (default 64)")
+    s.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MiB; beyond: 413 "
+                   "(default 20)")
+    s.add_argument("--workers", type=int, default=4, help="threads that decode and preprocess images (default 4)")
+    s.add_argument("--api-key-env", metavar="VAR", help="require the API key held in environment variable VAR "
+                   "(Authorization: Bearer KEY or X-API-Key: KEY) on /v1, /metrics and /reports")
+    s.add_argument("--reports", action="append", metavar="DIR", help="also serve this benchmark directory's "
+                   "report.html under /reports/ (repeatable)")
+    s.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present)")
+    s.add_argument("--runtime", choices=("torch", "onnx", "openvino", "openvino-int8"), default="torch",
+                   help="what runs the models (see 'defectscope predict --help')")
+    s.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let requests in "
+                   "flight finish (default 30)")
+    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    s.set_defaults(func=cmd_serve)
+
+
 def _advise_parser(sub) -> None:
     s = sub.add_parser("advise", help="rank the methods for your constraints from measured results (a bench's "
                        "results.jsonl, or the built-in table of figures this repo measured), against the guide")
@@ -405,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_export)
 
     _advise_parser(sub)
+    _serve_parser(sub)
     return p
 
 

@@ -27,6 +27,7 @@ Pixel values by PIL mode:
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = [
     "is_image_file",
     "list_images",
     "read_image",
+    "read_image_bytes",
     "read_mask",
     "read_image_size",
     "pil_to_tensor",
@@ -105,15 +107,18 @@ class _TooLarge(Exception):
     """Raised inside :func:`_open_raw` when an image is above :data:`MAX_IMAGE_PIXELS`."""
 
 
-def _open_raw(path: Path, load: bool) -> Image.Image:
-    if not path.exists():
-        raise _fail(path, "file does not exist", "check the path and the data set folder")
-    if path.is_dir():
-        raise _fail(path, "it is a folder, not an image file", "point to an image file")
-    try:
-        size = path.stat().st_size
-    except OSError as exc:  # pragma: no cover - e.g. permission problems on the parent
-        raise _fail(path, _one_line(exc), "check the file's permissions") from exc
+def _open_raw(path: Path, load: bool, data: bytes | None = None) -> Image.Image:
+    if data is None:
+        if not path.exists():
+            raise _fail(path, "file does not exist", "check the path and the data set folder")
+        if path.is_dir():
+            raise _fail(path, "it is a folder, not an image file", "point to an image file")
+        try:
+            size = path.stat().st_size
+        except OSError as exc:  # pragma: no cover - e.g. permission problems on the parent
+            raise _fail(path, _one_line(exc), "check the file's permissions") from exc
+    else:
+        size = len(data)
     if size == 0:
         raise _fail(path, "file is empty (0 bytes)", _RECOPY)
     limit = MAX_IMAGE_PIXELS
@@ -123,7 +128,7 @@ def _open_raw(path: Path, load: bool) -> Image.Image:
             # our own limit decides (PIL's warning would fire at PIL's limit, whatever ours is);
             # PIL still raises DecompressionBombError beyond twice its own limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(path if data is None else io.BytesIO(data))
             w, h = img.size
             if limit and w * h > limit:
                 raise _TooLarge(f"{w}x{h} = {w * h} pixels; the limit is {limit} pixels")
@@ -138,11 +143,14 @@ def _open_raw(path: Path, load: bool) -> Image.Image:
         raise
 
 
-def _open(path: PathLike, load: bool = True) -> Image.Image:
-    """Open (and by default fully decode) an image, mapping every failure to ImageReadError."""
-    path = Path(path).expanduser()
+def _open(path: PathLike, load: bool = True, data: bytes | None = None) -> Image.Image:
+    """Open (and by default fully decode) an image, mapping every failure to ImageReadError.
+
+    ``data``: the file's bytes (an upload); ``path`` is then only the name used in messages.
+    """
+    path = Path(path).expanduser() if data is None else Path(path)
     try:
-        return _open_raw(path, load)
+        return _open_raw(path, load, data)
     except ImageReadError:
         raise
     except _TooLarge as exc:
@@ -265,6 +273,22 @@ def read_image(path: PathLike, channels: int = 3) -> torch.Tensor:
         raise
     except Exception as exc:  # a decoded file whose pixels PIL/numpy cannot convert
         raise _fail(Path(path).expanduser(), f"cannot convert its pixels ({_one_line(exc)})", _RECOPY) from exc
+    finally:
+        img.close()
+
+
+def read_image_bytes(data: bytes, channels: int = 3, name: str = "<upload>") -> torch.Tensor:
+    """:func:`read_image` for a file's bytes (an upload): the same decoding and the same one-line
+    :class:`ImageReadError` messages, with ``name`` in place of the path."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    img = _open(name, data=bytes(data))
+    try:
+        return pil_to_tensor(img, channels, path=name)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise _fail(Path(name), f"cannot convert its pixels ({_one_line(exc)})", _RECOPY) from exc
     finally:
         img.close()
 

@@ -7,7 +7,9 @@
 * :mod:`.ssim` -- structural similarity;
 * :mod:`.pca` -- principal component analysis (DFM, DFKDE);
 * :mod:`.kde` -- Gaussian kernel density estimate, Scott's / Silverman's bandwidth (DFKDE);
-* :mod:`.tiling` -- cutting large images into tiles and stitching the tile maps back (every method).
+* :mod:`.tiling` -- cutting large images into tiles and stitching the tile maps back (every method);
+* :mod:`.synth` -- simulated anomalies (Perlin masks, textures, DRAEM's blend) for the methods that
+  learn from them (DRAEM, DSR), and the procedural dead-leaves images (imported on use).
 """
 
 from .blur import gaussian_blur, gaussian_kernel1d, upsample

@@ -6,7 +6,8 @@ run description ``OUT/bench.json`` when present, and writes into ``OUT``:
 
 * ``results.md``, ``results.csv`` (per category) and ``results_mean.csv`` (mean per model);
 * ``speed_accuracy.png`` (the accuracy-vs-speed map), ``figures/roc_<model>.png`` and
-  ``figures/examples_<model>.png``;
+  ``figures/examples_<model>.png``; ``blind_contamination.png`` (blind setting) and
+  ``few_shot.png`` (AUROC against shots, few-shot setting with several shot counts);
 * ``report.html``: all of it on one page, images embedded as base64 PNG, inline CSS, no script and
   no external URL, so it opens from a file, offline, on any machine.
 """
@@ -24,9 +25,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .tables import (COLUMNS, _fmt, blind_markdown, csv_table, is_blind, markdown_table, mean_rows, partial_markdown,
-                     plan_status, setting_label, setting_matrix, setting_of, stop_note, training_share_note,
-                     with_setting_columns)
+from .tables import (COLUMNS, _fmt, blind_markdown, csv_table, is_blind, is_few_shot, markdown_table, mean_rows,
+                     partial_markdown, plan_status, setting_label, setting_matrix, setting_of, shots_markdown,
+                     shots_matrix, stop_note, training_share_note, with_setting_columns)
 
 __all__ = ["build_report", "render_html", "META_FILE", "REPORT_FILE"]
 
@@ -34,6 +35,7 @@ META_FILE = "bench.json"
 REPORT_FILE = "report.html"
 MAP_FILE = "speed_accuracy.png"
 BLIND_FILE = "blind_contamination.png"
+SHOTS_FILE = "few_shot.png"
 MAX_EXAMPLES = 8
 
 # mean-table columns where the best value is highlighted, and which way is better
@@ -288,6 +290,40 @@ def _blind_section(records: list[dict], figure: Path | None) -> str:
     return "\n".join(parts)
 
 
+def _few_shot_section(records: list[dict], figure: Path | None) -> str:
+    """The few-shot tables (model x shots: mean ± standard deviation over seeds) and the figure of
+    AUROC against shots."""
+    parts = ["<h2>Few-shot: AUROC against the number of shots</h2>",
+             '<p class="note"><b>k-shot</b>: k normal training images drawn by the seed (nested: the images of k are '
+             "among those of a larger k), evaluated on the full test set. Each seed's value is averaged over its "
+             "categories; the table gives the mean &plusmn; the standard deviation over the seeds, in percent.</p>"]
+    for metric, title in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")):
+        shots, rows = shots_matrix(records, metric)
+        if not any(row[k] is not None for row in rows for k in shots):
+            continue
+        head = "".join(f"<th>{_e(t)}</th>" for t in ["model"] + [f"{k}-shot" for k in shots] + ["seeds"])
+        body = []
+        for row in rows:
+            cells = [f"<td>{_e(row['model'])}</td>"]
+            cells += [f'<td class="num">{_e(f"{100 * c[0]:.1f} ± {100 * c[1]:.1f}" if c else "-")}</td>'
+                      for c in (row[k] for k in shots)]
+            cells.append(f'<td class="num">{max((c[2] for c in (row[k] for k in shots) if c), default=0)}</td>')
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append(f"<h3>{_e(title)}</h3><table class=\"few-shot\"><thead><tr>{head}</tr></thead>"
+                     f"<tbody>{''.join(body)}</tbody></table>")
+    if figure:
+        parts.append(f"<figure>{_img(figure, 'AUROC against shots')}<figcaption>Image and pixel AUROC against the "
+                     "number of normal training images (log scale): mean over seeds, error bars one standard "
+                     "deviation over seeds.</figcaption></figure>")
+    return "\n".join(parts)
+
+
+def _blind_like(records: list[dict]) -> bool:
+    """Whether the blind / settings section applies: a setting other than one-class and few-shot
+    (few-shot records get their own section)."""
+    return is_blind([r for r in records if setting_of(r)[0] != "few-shot"])
+
+
 def render_html(records: list[dict], meta: dict, figures: dict) -> str:
     """The report page for ``records`` (see :func:`build_report` for ``figures``)."""
     seeds = len({r.get("seed") for r in records if r.get("seed") is not None}) or 1
@@ -313,8 +349,10 @@ def render_html(records: list[dict], meta: dict, figures: dict) -> str:
                  "</p>")
     parts.append("<h2>Mean over categories</h2>")
     parts.append(_table(means, mean_cols, "results mean", best=True))
-    if is_blind(records):
+    if _blind_like(records):
         parts.append(_blind_section(records, figures.get("blind")))
+    if is_few_shot(records):
+        parts.append(_few_shot_section(records, figures.get("shots")))
     parts.append("<h2>Accuracy vs speed</h2>")
     if figures.get("map"):
         left_out = [m["model"] for m in means if not (isinstance(m.get("latency_ms"), (int, float))
@@ -374,7 +412,7 @@ def build_report(out_dir, meta: dict | None = None) -> Path:
     """Write the tables, figures and ``report.html`` of the benchmark in ``out_dir``; returns the
     path of ``report.html``. Works on any ``results.jsonl``: failed cells, image-only models and
     records without saved artifacts each get what can be shown for them."""
-    from .plots import contamination_figure, roc_figure, speed_accuracy_map, strip_figure
+    from .plots import contamination_figure, roc_figure, shots_figure, speed_accuracy_map, strip_figure
 
     out = Path(out_dir)
     if not out.is_dir():
@@ -393,7 +431,8 @@ def build_report(out_dir, meta: dict | None = None) -> Path:
     means = mean_rows(records)
     partial = partial_markdown(records, meta)
     (out / "results.md").write_text((f"{partial}\n" if partial else "") + f"# Per category\n\n{markdown_table(records)}\n\n# Mean over categories\n\n"
-                                    f"{markdown_table(means)}\n" + (f"\n{blind_markdown(records)}" if is_blind(records) else ""))
+                                    f"{markdown_table(means)}\n" + (f"\n{blind_markdown(records)}" if is_blind(records) else "")
+                                    + (f"\n{shots_markdown(records)}" if is_few_shot(records) else ""))
     (out / "results.csv").write_text(csv_table(records))
     (out / "results_mean.csv").write_text(csv_table(means))
 
@@ -411,6 +450,9 @@ def build_report(out_dir, meta: dict | None = None) -> Path:
     figures["blind"] = contamination_figure(records, out / BLIND_FILE) if is_blind(records) else None
     if figures["blind"] is None:
         (out / BLIND_FILE).unlink(missing_ok=True)
+    figures["shots"] = shots_figure(records, out / SHOTS_FILE) if is_few_shot(records) else None
+    if figures["shots"] is None:
+        (out / SHOTS_FILE).unlink(missing_ok=True)
     if figures["map"] is None:
         (out / MAP_FILE).unlink(missing_ok=True)
     for model in dict.fromkeys(r["model"] for r in records):

@@ -8,6 +8,8 @@
   predicted mask, one column per image.
 * :func:`contamination_figure` -- the blind setting: how each model's image and pixel AUROC
   degrade as the contamination of its training set grows.
+* :func:`shots_figure` -- the few-shot setting: image and pixel AUROC against the number of
+  training images (log scale), mean over seeds with the standard deviation as error bars.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["speed_accuracy_map", "roc_figure", "strip_figure", "contamination_figure"]
+__all__ = ["speed_accuracy_map", "roc_figure", "strip_figure", "contamination_figure", "shots_figure"]
 
 
 def _pyplot():
@@ -251,5 +253,45 @@ def contamination_figure(records: Sequence[dict], path, title: str = "Blind sett
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=9)
     fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def shots_figure(records: Sequence[dict], path, title: str = "Few-shot setting") -> Path | None:
+    """Image AUROC and pixel AUROC against the number of shots (few-shot records; log-2 axis), one
+    line per model: the mean over seeds (each seed averaged over its categories) with the sample
+    standard deviation over seeds as error bars. Returns the path, or None when the records hold
+    fewer than two shot counts."""
+    from .tables import shots_matrix
+
+    panels = []
+    for metric, label in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")):
+        shots, rows = shots_matrix(records, metric)
+        if len(shots) < 2:
+            continue
+        lines = []
+        for row in rows:
+            pts = [(k, row[k]) for k in shots if row[k] is not None]
+            if pts:
+                lines.append((row["model"], [k for k, _ in pts], [c[0] for _, c in pts], [c[1] for _, c in pts]))
+        if lines:
+            panels.append((label, lines, shots))
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, (label, lines, shots) in zip(axes[0], panels):
+        for i, (model, xs, ys, sd) in enumerate(lines):
+            ax.errorbar(xs, ys, yerr=sd, marker="o", lw=1.8, capsize=3, color=colors(i % 10), label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(shots)
+        ax.set_xticklabels([str(k) for k in shots])
+        ax.set_xlabel("shots: normal training images")
+        ax.set_ylabel(f"{label} (mean over seeds)")
+        ax.set_ylim(top=1.0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.suptitle(title + " (error bars: standard deviation over seeds)", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)

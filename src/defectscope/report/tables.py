@@ -214,6 +214,61 @@ def blind_markdown(records: Iterable[dict]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+# -- the few-shot setting ----------------------------------------------------------------------
+def is_few_shot(records: Iterable[dict]) -> bool:
+    """Whether any record comes from the few-shot setting."""
+    return any(setting_of(r)[0] == "few-shot" for r in records)
+
+
+def shots_matrix(records: Iterable[dict], metric: str = "image_auroc") -> tuple[list[int], list[dict]]:
+    """The few-shot records' ``metric`` by model and number of shots, over seeds: ``(shots, rows)``,
+    ``shots`` the sorted shot counts present, each row ``{"model", k: (mean, std, n_seeds) or None}``.
+    Each seed's value is first averaged over its categories; ``mean`` and ``std`` (sample standard
+    deviation, 0 for a single seed) are then taken over the seeds."""
+    few = [r for r in records if r.get("model") and setting_of(r)[0] == "few-shot" and not r.get("error")
+           and setting_of(r)[1] is not None]
+    shots = sorted({int(setting_of(r)[1]) for r in few})
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in records if r.get("model") and setting_of(r)[0] == "few-shot"):
+        row: dict = {"model": model}
+        for k in shots:
+            per_seed: dict = {}
+            for r in few:
+                v = _number(r.get(metric))
+                if r["model"] == model and int(setting_of(r)[1]) == k and v is not None:
+                    per_seed.setdefault(r.get("seed"), []).append(v)
+            vals = [sum(v) / len(v) for v in per_seed.values()]
+            if not vals:
+                row[k] = None
+                continue
+            mean = sum(vals) / len(vals)
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            row[k] = (mean, std, len(vals))
+        rows.append(row)
+    return shots, rows
+
+
+def shots_markdown(records: Iterable[dict]) -> str:
+    """The few-shot section of ``results.md``: image (and pixel) AUROC by model and shots, mean ±
+    standard deviation over the seeds, in percent; ``""`` when no record is few-shot."""
+    records = list(records)
+    if not is_few_shot(records):
+        return ""
+    parts = ["# Few-shot: mean ± standard deviation over seeds (percent; each seed averaged over its categories)"]
+    for metric, title in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")):
+        shots, rows = shots_matrix(records, metric)
+        if not any(row[k] is not None for row in rows for k in shots):
+            continue
+        lines = ["| model | " + " | ".join(f"{k}-shot" for k in shots) + " | seeds |",
+                 "|---|" + "---:|" * (len(shots) + 1)]
+        for row in rows:
+            cells = [f"{100 * c[0]:.1f} ± {100 * c[1]:.1f}" if c else "-" for c in (row[k] for k in shots)]
+            n = max((c[2] for c in (row[k] for k in shots) if c), default=0)
+            lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {n} |")
+        parts.append(f"## {title}\n\n" + "\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
 # -- the plan of a run and how much of it finished ---------------------------------------------
 def planned_cell(model: str, category, setting: str = "one-class", seed=0, contamination=None, shots=None,
                  categories=(), key: str = "", cell_id: str = "") -> dict:

@@ -21,7 +21,9 @@ Millisecond-Level Latencies", WACV 2024) and the generic images it needs, offlin
   with power-law sizes, random colours, a smooth shading and fine noise) - a classic stand-in for
   natural-image statistics (Lee, Mumford & Huang 2001; Baradad et al., "Learning to See by
   Looking at Noise", NeurIPS 2021). They replace ImageNet/imagenette, which cannot be downloaded
-  here, as the generic images of the penalty loss and of teacher distillation.
+  here, as the generic images of the penalty loss and of teacher distillation. It lives in
+  :mod:`defectscope.ops.synth` (shared with the anomaly synthesiser of DRAEM and DSR) and is
+  imported here.
 * :func:`augment`: the paper's augmentation for the autoencoder branch: one of brightness,
   contrast or saturation with a factor drawn from U(0.8, 1.2) (torchvision's formulas).
 """
@@ -33,6 +35,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...ops.synth import generic_images  # noqa: F401  (moved to ops.synth, shared with the anomaly synthesiser)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -154,58 +158,6 @@ class AutoEncoder(_Normalized):
 
 # ------------------------------------------------------------------------------------------------
 # generic images and augmentation
-
-
-def generic_images(n: int, size: int, seed: int = 0, shapes: int = 300, grayscale_p: float = 0.0) -> torch.Tensor:
-    """``n`` procedural dead-leaves images ``[n, 3, size, size]`` as uint8 (image ``i`` depends only
-    on ``seed + i``).
-
-    Occluding discs and rotated squares (painted back to front) whose size follows the
-    scale-invariant ``r^-3`` law between 1.5 % and 50 % of the image side, each with a random,
-    moderately saturated colour, a linear shading and (half of them) a sinusoidal stripe texture of
-    random frequency and orientation; then a smooth illumination field and fine noise. ``grayscale_p``: the
-    probability that an image is turned grey (the paper's penalty images use ``RandomGrayscale(0.3)``).
-    Each shape is painted with tensor operations on its bounding box (the loops run over images
-    and shapes, not pixels).
-    """
-    out = torch.empty(n, 3, size, size, dtype=torch.uint8)
-    axis = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    a, b = 0.015, 0.5
-    for i in range(n):
-        g = torch.Generator().manual_seed(int(seed) + i)
-        r = (a ** -2 - torch.rand(shapes, generator=g) * (a ** -2 - b ** -2)) ** -0.5  # density ~ r^-3
-        cy, cx, theta = torch.rand(shapes, generator=g), torch.rand(shapes, generator=g), torch.rand(shapes, generator=g) * math.pi
-        square = (torch.rand(shapes, generator=g) < 0.4).tolist()
-        lum, sat = torch.rand(shapes, 1, 1, 1, generator=g), torch.rand(shapes, 1, 1, 1, generator=g)
-        colour = lum + sat * (torch.rand(shapes, 3, 1, 1, generator=g) - 0.5) * 0.8
-        freq = 10 + 90 * torch.rand(shapes, generator=g)
-        amp = torch.where(torch.rand(shapes, generator=g) < 0.5, 0.15 * torch.rand(shapes, generator=g), torch.zeros(shapes))
-        phase = 2 * math.pi * torch.rand(shapes, generator=g)
-        slope = (torch.rand(shapes, generator=g) - 0.5) * 0.3
-        img = torch.rand(3, 1, 1, generator=g).expand(3, size, size).clone()
-        reach = (r * math.sqrt(2) * size).ceil().long() + 1
-        for k in range(shapes):
-            y0, y1 = max(0, int(cy[k] * size) - int(reach[k])), min(size, int(cy[k] * size) + int(reach[k]) + 1)
-            x0, x1 = max(0, int(cx[k] * size) - int(reach[k])), min(size, int(cx[k] * size) + int(reach[k]) + 1)
-            if y1 <= y0 or x1 <= x0:
-                continue
-            dy, dx = axis[y0:y1, None] - cy[k], axis[None, x0:x1] - cx[k]
-            c, s_ = math.cos(float(theta[k])), math.sin(float(theta[k]))
-            u1, u2 = c * dx + s_ * dy, c * dy - s_ * dx
-            rk = float(r[k])
-            inside = torch.maximum(u1.abs(), u2.abs()) < rk if square[k] else u1 * u1 + u2 * u2 < rk * rk
-            shade = colour[k] + float(slope[k]) * (u1 / rk).clamp(-1, 1)
-            if amp[k] > 0:
-                shade = shade + float(amp[k]) * torch.sin(float(freq[k]) * u2 + float(phase[k]))
-            box = img[:, y0:y1, x0:x1]
-            img[:, y0:y1, x0:x1] = torch.where(inside, shade, box)
-        light = F.interpolate(torch.rand(1, 1, 4, 4, generator=g), size=(size, size), mode="bicubic",
-                              align_corners=False)[0]
-        img = img * (0.75 + 0.5 * light) + 0.02 * torch.randn(3, size, size, generator=g)
-        if grayscale_p > 0 and float(torch.rand(1, generator=g)) < grayscale_p:
-            img = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]).expand(3, size, size)
-        out[i] = (img.clamp(0, 1) * 255).round().to(torch.uint8)
-    return out
 
 
 def random_flip_rotate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

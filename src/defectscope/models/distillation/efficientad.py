@@ -81,7 +81,7 @@ from ...backbones import BACKBONES
 from ...training import auto_device, load_images, seed_everything, train_loop
 from ...errors import DefectscopeError
 from ...ops.blur import gaussian_blur
-from ._common import to_inference_layout
+from .._inference import to_inference_layout
 from ._pdn import PDN, AutoEncoder, _size, augment, generic_images, random_flip_rotate
 from ..base import AnomalyModel, Prediction, register
 from ..cost import Cost

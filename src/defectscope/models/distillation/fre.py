@@ -34,7 +34,7 @@ from torch import nn
 from ...training import auto_device, batches, load_images, seed_everything, train_loop
 from ...progress import progress
 from ...errors import DefectscopeError
-from ._common import InferenceCache
+from .._inference import InferenceCache
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
 from ..cost import Cost

@@ -47,7 +47,8 @@ from ...backbones.resnet import BasicBlock
 from ...training import auto_device, load_images, seed_everything, train_loop
 from ...errors import DefectscopeError
 from ...ops.blur import gaussian_blur
-from ._common import InferenceCache, fuse_level_maps
+from .._inference import InferenceCache
+from ._common import fuse_level_maps
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
 from ..cost import Cost

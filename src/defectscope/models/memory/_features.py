@@ -1,6 +1,7 @@
 """What the feature-statistics methods (SPADE, Gaussian AD, DFKDE, DFM) share: running a feature
-function over a whole data set, global average pooling, the backbone's deepest layer, and the
-frozen backbone as it runs at inference (BatchNorm folded, ``channels_last``)."""
+function over a whole data set, global average pooling, the backbone's deepest layer. (The frozen
+backbone as it runs at inference, BatchNorm folded and ``channels_last``, is
+:func:`defectscope.models._inference.inference_backbone`.)"""
 
 from __future__ import annotations
 
@@ -8,25 +9,9 @@ from collections.abc import Callable
 
 import torch
 
-from torch import nn
-
 from ...progress import progress
-from ..distillation._common import InferenceCache
 
-__all__ = ["dataset_features", "global_pool", "deepest_layer", "inference_backbone", "InferenceCache"]
-
-
-def inference_backbone(cache: InferenceCache, backbone: nn.Module) -> nn.Module:
-    """The frozen ``backbone`` as it runs for fit and predict: a copy with each BatchNorm folded
-    into the convolution before it and its weights in the ``channels_last`` memory format (see
-    :class:`~defectscope.models.distillation._common.InferenceCache`), made on first use per device
-    and kept in ``cache`` (not a sub-module: neither saved nor counted). The same features as
-    ``backbone`` up to float rounding; one pass over each activation less per BatchNorm, and
-    oneDNN convolutions without layout reorders. A backbone that trains (``trainable``) is returned
-    as it is."""
-    if getattr(backbone, "trainable", False):
-        return backbone
-    return cache.get("backbone", backbone)
+__all__ = ["dataset_features", "global_pool", "deepest_layer"]
 
 
 def global_pool(feature: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ EfficientNet-Lite0 (embedded weights) with its deepest layer, ``blocks.6`` (stri
 ``layer4``, 320 channels).
 
 Speed: the frozen backbone runs, in fit and predict, as a BatchNorm-folded copy in the
-``channels_last`` memory format (:func:`defectscope.models.memory._features.inference_backbone`;
+``channels_last`` memory format (:func:`defectscope.models._inference.inference_backbone`;
 the same numbers up to float rounding): a 256 px, batch-1 prediction went from 54 to 38 ms
 (2 threads, paired, on a loaded machine; the exported graph: 12 ms).
 """
@@ -41,7 +41,8 @@ import torch
 from ...training import auto_device
 from ...errors import DefectscopeError
 from ...ops import KDEResult, PCAResult, fit_gaussian_kde, fit_pca, kde_log_density, pca_transform
-from ._features import InferenceCache, dataset_features, deepest_layer, global_pool, inference_backbone
+from .._inference import InferenceCache, inference_backbone
+from ._features import dataset_features, deepest_layer, global_pool
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
 from ..cost import Cost

@@ -27,7 +27,7 @@ weights) with the layer of the same stride, ``blocks.4`` (stride 16, 112 channel
 grid is coarse (16 / 4 = 4 x 4 cells at 256 px): the map localises only roughly.
 
 Speed: the frozen backbone runs, in fit and predict, as a BatchNorm-folded copy in the
-``channels_last`` memory format (:func:`defectscope.models.memory._features.inference_backbone`;
+``channels_last`` memory format (:func:`defectscope.models._inference.inference_backbone`;
 the same numbers up to float rounding). The backbone is nearly all of a prediction (the PCA and
 the map take about 8 ms of 78 at 1 thread); folding took a 256 px, batch-1 prediction from 44 to
 32 ms (2 threads, paired, on a loaded machine). The exported graph does it in 10 ms: eager
@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from ...training import auto_device
 from ...errors import DefectscopeError
 from ...ops import PCAResult, fit_pca, pca_inverse_transform, pca_transform
-from ._features import InferenceCache, dataset_features, inference_backbone
+from .._inference import InferenceCache, inference_backbone
+from ._features import dataset_features
 from .._pretrained import BackboneModel
 from ..base import Prediction, register
 from ..cost import Cost
