@@ -270,14 +270,15 @@ def test_generic_vq_is_pretrained_once_and_cached(tmp_path, monkeypatch):
 # the paper's widths (codebooks 2 x 128 x 16), the VQ-VAE pretrained on generic images for 300 steps
 # (the default source; cached in a temporary folder), then 80 steps of stage 2 and 24 of stage 3 at
 # lr 1e-3: about 0.1 % of the paper's schedule. Measured when the floors were set (this machine,
-# torch 2.13 CPU): image AUROC 0.62, pixel AUROC 0.68 (the upsampled map); on DSR's own training
-# task (feature-space anomalies made on the normal test images) the detection mask reaches a
-# pixel AUROC of FEATURE_MEASURED. A schedule this short is far from the paper's figures: the floors
-# show that every stage learns, not how well DSR does.
+# torch 2.13 CPU): image AUROC 0.620, pixel AUROC 0.682 (the upsampled map); on DSR's own training
+# task (feature-space anomalies made on the normal test images) the detection mask reaches a pixel
+# AUROC of 0.855. A schedule this short is far from the paper's figures (longer short schedules were
+# not better: 20 stage-2 epochs gave image AUROC 0.47): the floors show that every stage learns
+# something, not how well DSR does; an untrained or input-blind network sits at 0.5.
 FLOOR_SCHEDULE = dict(image_size=64, embedding_dim=16, num_embeddings=128, hiddens=16, res_hiddens=8, res_layers=1,
                       unet_width=8, vq_images="generic", vq_steps=300, vq_batch_size=8, epochs=10,
                       upsampling_epochs=3, epoch_size=64, batch_size=8, lr=1e-3)
-FLOOR_IMAGE, FLOOR_PIXEL, FLOOR_FEATURE = 0.55, 0.6, 0.7
+FLOOR_IMAGE, FLOOR_PIXEL, FLOOR_FEATURE = 0.57, 0.63, 0.8
 
 
 @pytest.fixture(scope="module")

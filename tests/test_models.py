@@ -157,7 +157,7 @@ def test_ssim_matches_scikit_image():
 def test_a_format_2_model_directory_written_before_the_typed_parameters_loads_and_predicts_the_same():
     """tests/data/format2/sae was saved by defectscope at commit 29b4028 (untyped ``defaults``,
     format 2, calibrated), with its predictions on two images: it loads, its values are checked
-    by the declarations, and it predicts exactly what it did."""
+    by the declarations, and it predicts what it did (to float rounding)."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -168,5 +168,8 @@ def test_a_format_2_model_directory_written_before_the_typed_parameters_loads_an
     model = load_model(data / "sae")
     expected = load_file(str(data / "sae_expected.safetensors"))
     pred = model.predict(expected["images"])
-    assert torch.equal(pred.score, expected["score"]) and torch.equal(pred.anomaly_map, expected["anomaly_map"])
+    # the same up to float rounding: oneDNN picks its kernels by the CPU's instruction set, so the
+    # last bit can differ from the machine that saved them (1.5e-8 seen on another CPU)
+    torch.testing.assert_close(pred.score, expected["score"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(pred.anomaly_map, expected["anomaly_map"], rtol=1e-6, atol=1e-7)
     assert model.params["latent"] == 4 and model.calibration is not None and model.calibration.method == "fpr"
