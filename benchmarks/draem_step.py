@@ -47,9 +47,9 @@ def main(argv=None) -> int:
     synth(x, gen)
     print(f"texture pool (once per fit): {time.perf_counter() - t0:.2f} s")
     model.train()
-    times = []
+    times, cpu = [], []
     for i in range(args.steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         aug, mask = synth(x, gen)
         rec = model.reconstructive(aug)
         loss = draem_loss(x, rec, mask, model.discriminative(torch.cat((rec, aug), 1)))
@@ -58,18 +58,24 @@ def main(argv=None) -> int:
         opt.step()
         if i:  # the first step warms up
             times.append(time.perf_counter() - t0)
-        print(f"step {i}: {time.perf_counter() - t0:.2f} s (batch 8)", flush=True)
+            cpu.append(time.process_time() - c0)
+        print(f"step {i}: {time.perf_counter() - t0:.2f} s wall, {time.process_time() - c0:.2f} s CPU (batch 8)",
+              flush=True)
     epoch = sorted(times)[len(times) // 2] / 8
     model.eval()
     model.fitted = True
     one = x[:1]
     model.predict(one)
-    lat = []
+    lat, lat_cpu = [], []
     for _ in range(args.predictions):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model.predict(one)
         lat.append(time.perf_counter() - t0)
+        lat_cpu.append(time.process_time() - c0)
     predict = sorted(lat)[len(lat) // 2]
+    print(f"CPU seconds (all threads): {sorted(cpu)[len(cpu) // 2] / 8:.3g} per training image, "
+          f"{sorted(lat_cpu)[len(lat_cpu) // 2]:.3g} per prediction (on a busy machine, CPU time / threads is "
+          "closer to the quiet wall time than the wall time is)")
     day = time.strftime("%Y-%m-%d")
     print(f"seconds per training image and epoch: {epoch:.3g}; batch-1 prediction: {1000 * predict:.0f} ms "
           f"({args.threads} threads)")

@@ -7,6 +7,11 @@ of both sides computed by defectscope's metric code; A/B interleaved runs (``--r
     bash benchmarks/setup_reference.sh                     # once: the reference venv (~4 min)
     python benchmarks/reconstruction.py --models ganomaly --n-train 128 --ganomaly-epochs 15
     python benchmarks/reconstruction.py --models draem,dsr --n-train 64 --draem-epochs 2 --dsr-epochs 2
+    # the README's run (a loaded 2-core machine): 32 images at 64 px, 1 thread
+    python benchmarks/reconstruction.py --models ganomaly --n-train 32 --image-size 64 --ganomaly-batch 32 \
+        --ganomaly-epochs 15 --threads 1 --n-latency 10
+    python benchmarks/reconstruction.py --models draem,dsr --n-train 32 --image-size 64 --draem-epochs 1 \
+        --dsr-epochs 2 --vq-steps 100 --threads 1 --n-latency 5
     python benchmarks/reconstruction.py --models draem --anomaly-source procedural
     python benchmarks/reconstruction.py --models draem --anomaly-source folder --texture-dir ~/dtd/images
     python benchmarks/reconstruction.py --skip-reference   # defectscope only
@@ -173,8 +178,8 @@ def cases(args, work: Path) -> list[Case]:
             n_latency=args.n_latency,
             ours={"epochs": e, "batch_size": args.ganomaly_batch, "channels": 3},
             reference={"epochs": e, "batch_size": args.ganomaly_batch, "no_engine_test": True},
-            notes=[f"{e} epochs, batch {args.ganomaly_batch}, {args.ganomaly_size} px, Adam 2e-4 (0.5, 0.999), weights 1/50/1 on both "
-                   "sides (the official code: 15 epochs at 32 px; anomalib's default size 256)",
+            notes=[f"{e} epochs, batch {args.ganomaly_batch}, {args.ganomaly_size} px, Adam 2e-4 (0.5, 0.999), "
+                   "weights 1/50/1 on both sides (the official code: 15 epochs at 32 px; anomalib's default size 256)",
                    "inputs: defectscope [-1, 1] (official), anomalib ImageNet mean/std (its default pre-processor); "
                    "image-only: no pixel metrics",
                    "defectscope drops the last incomplete batch (official), anomalib does not: equal when the "

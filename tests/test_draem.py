@@ -171,11 +171,14 @@ def rgb_synth(tmp_path_factory):
 
 
 # Short schedule on the 64 px synthetic washer (40 training images, 20 good + 20 defective test
-# images), far from the paper's 700 epochs at 256 px. FLOOR is a few points under the measured
-# value (see SHORT's comment).
+# images): 120 steps of batch 4 at a 16th of the paper's widths and lr 1e-3, against the paper's
+# 700 epochs at 256 px (about 40 s of one core). Measured (seed 0, torch 2.13 CPU, 1 thread):
+# image AUROC 0.73, pixel AUROC 0.81. A short schedule is sensitive to float rounding: the same
+# run with channels_last convolutions gave 0.655 / 0.81, an earlier mask rounding 0.80 / 0.86;
+# the floors sit under all three and above chance.
 SHORT = {"image_size": SIZE, "epochs": 12, "batch_size": 4, "width": 0.0625, "lr": 1e-3}
 FLOOR = 0.6
-PIXEL_FLOOR = 0.7
+PIXEL_FLOOR = 0.75
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +197,6 @@ def test_draem_trains_beats_its_floor_and_round_trips(trained, tmp_path):
     model, test = trained
     assert len(model.history["loss"]) == SHORT["epochs"] and model.history["loss"][-1] < model.history["loss"][0]
     metrics, out = evaluate(model, test)
-    print("draem short schedule:", metrics["image_auroc"], metrics["pixel_auroc"])
     assert metrics["image_auroc"] >= FLOOR, metrics
     assert metrics["pixel_auroc"] >= PIXEL_FLOOR, metrics
     assert out["maps"].shape == (len(test), SIZE, SIZE)

@@ -79,6 +79,12 @@ Defaults and deviations:
 * ``image_size`` must be a multiple of 32 and at least 64 (the subspace modules halve the ``H/8``
   grid twice, and instance normalisation needs at least 2 x 2 cells).
 
+Cost on a CPU (one torch thread of a loaded 2-core machine, 256 px, batch 8; upper bounds): a
+VQ-VAE pretraining step 8.9 s (the default 20 000 steps: about 2 days, once per setting), a stage-2
+step 107 s, a stage-3 step 58 s, a prediction 5 s per image. The paper's schedule (100 000 + 50 000
+steps) is a GPU schedule: months here. The authors' ImageNet pretraining is not published; one
+pass over ImageNet-1k at batch 8 would be 160 000 steps (about 16 days at the step time above).
+
 The formulas above are written from the official code (the paper's text was not at hand offline,
 so no equation numbers are cited). One detail of that code matters for the authors' weights: its
 residual layers start with an in-place ReLU, so their skip connection adds ``relu(x)``, not ``x``
@@ -236,15 +242,18 @@ class DSR(AnomalyModel):
         Param("vq_images", "str", "generic", "images of the fit-time VQ-VAE pretraining: procedural images "
               "(generic, cached), the training images (train) or a folder of images", choices=("generic", "train"),
               path=True),
-        Param("vq_steps", "int", 20000, "steps of the fit-time VQ-VAE pretraining (our schedule: the authors' "
-              "ImageNet schedule is not published)", ge=1),
+        Param("vq_steps", "int", 20000, "steps of the fit-time VQ-VAE pretraining (our choice, 160 000 generic "
+              "images: the authors' ImageNet schedule is not published)", ge=1),
         Param("vq_batch_size", "int", 8, "batch size of the fit-time VQ-VAE pretraining", ge=1),
         Param("vq_lr", "float", 1e-3, "Adam learning rate of the fit-time VQ-VAE pretraining", gt=0),
     )
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=True, pixel_level=True,
                 weights=None, export="dynamic", input="rgb")
-    cost = Cost(predict=0.5, steps=(("epochs", 8000 * 1.2), ("upsampling_epochs", 8000 * 0.6), ("vq_steps", 3.0)),
-                measured="an arithmetic estimate (see the dsr module's report); not yet measured by benchmarks/costs.py")
+    # measured with one torch thread on the shared 2-core machine under load (~8), 256 px, batch 8,
+    # 2026-12-02, one or two steps each (benchmarks/costs.py's step protocol would train 8 epochs of
+    # 8000 images): upper bounds. Per epoch of 8000 images: 1000 steps of stage 2 (107 s) or 3 (58 s).
+    cost = Cost(predict=5.0, steps=(("epochs", 107000.0), ("upsampling_epochs", 58000.0), ("vq_steps", 8.9)),
+                measured="1 thread under load, 256 px, batch 8, one or two steps per stage (upper bounds), 2026-12-02")
     # a little more than one step per stage: with less, the nearly untrained upsampler amplifies float
     # rounding of its near-constant inputs past the export check's tolerance (5e-4 on the map)
     smoke = {"image_size": 64, "epochs": 2, "upsampling_epochs": 2, "epoch_size": 16, "batch_size": 4,
