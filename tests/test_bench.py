@@ -183,7 +183,7 @@ def test_presets_and_model_filters_read_the_tags():
     assert untrained and all(not get_model_class(m).tags.trains for m in untrained)
     assert set(untrained) == {m for m in MODELS if not get_model_class(m).tags.trains}
     assert resolve_models(None, "patch*,trains=false")[0] == ["patchcluster", "patchcore"]
-    assert resolve_models(None, "paradigm=reconstruction")[0] == ["dae", "sae"]
+    assert resolve_models(None, "paradigm=reconstruction")[0] == ["dae", "draem", "dsr", "ganomaly", "sae"]
     image_only, _, _ = resolve_models(None, "pixel_level=false")
     assert image_only and all(not get_model_class(m).tags.pixel_level for m in image_only)
     # a setting keeps only the methods tagged for it; the others are reported as skipped
