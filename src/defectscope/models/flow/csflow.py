@@ -259,7 +259,7 @@ class CsFlow(BackboneModel):
         "soft clamp 3, NLL; Adam lr 2e-4, eps 1e-4, wd 1e-5, gradient norm 1, batch 16, 240 epochs; "
         "score = mean z^2/2, map = per-position z^2 of the largest scale); EfficientNet-Lite0 blocks.5 "
         "(stride 32) instead of EfficientNet-B5 features.6; 256 px (paper 768; multiple of 128); features "
-        "extracted once per fit; map blurred (sigma 4; `blur_sigma=0` is the paper's)"
+        "extracted once per fit; map blurred (sigma 4; `blur_sigma=0` is the paper's); extractor run as a BatchNorm-folded `channels_last` copy"
     )
     hparams = (
         Param("epochs", "int", 240, "training epochs (the authors' 4 meta-epochs x 60)", ge=1),

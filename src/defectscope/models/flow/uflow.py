@@ -298,7 +298,7 @@ class UFlow(BackboneModel):
         "reflect padding); "
         "EfficientNet-Lite0 at strides 4/8/16 (the CNN variant) instead of MS-CaiT; fixed layer norm; early "
         "stopping (patience 20) on normal validation images, not the test set; 256 px; likelihood map blurred "
-        "(sigma 4; `blur_sigma=0` is the paper's)"
+        "(sigma 4; `blur_sigma=0` is the paper's); backbone run as a BatchNorm-folded `channels_last` copy"
     )
     hparams = (
         Param("epochs", "int", 200, "training epochs (the authors' default config)", ge=1),
