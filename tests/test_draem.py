@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from defectscope.errors import DefectscopeError
 from defectscope.models import create_model, load_model
+from defectscope.models.reconstruction._common import focal_loss
 from defectscope.models.reconstruction.draem import (
     DiscriminativeSubNetwork,
     ReconstructiveSubNetwork,
-    draem_focal_loss,
     draem_loss,
     draem_score,
     draem_ssim_loss,
@@ -79,12 +79,12 @@ def test_focal_loss_is_the_official_one_and_a_hand_value():
     logits = torch.randn(2, 2, 5, 7, generator=_gen(1))
     probs = torch.softmax(logits, dim=1)
     mask = (torch.rand(2, 1, 5, 7, generator=_gen(2)) > 0.6).float()
-    torch.testing.assert_close(draem_focal_loss(probs, mask), _official_focal(probs, mask), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(focal_loss(probs, mask), _official_focal(probs, mask), rtol=1e-6, atol=1e-7)
     p = torch.tensor([0.9, 0.1]).view(1, 2, 1, 1)
     for target, prob in ((0.0, 0.9), (1.0, 0.1)):
         pt = prob * (1 - 1e-5) + (1 - prob) * 1e-5 + 1e-5
         ref = -((1 - pt) ** 2) * math.log(pt)
-        assert float(draem_focal_loss(p, torch.full((1, 1, 1, 1), target))) == pytest.approx(ref, rel=1e-5)
+        assert float(focal_loss(p, torch.full((1, 1, 1, 1), target))) == pytest.approx(ref, rel=1e-5)
 
 
 def test_ssim_loss_is_the_official_one():

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.errors import DefectscopeError, ModelFileError
-from defectscope.models.reconstruction._dsr_nets import (DiscreteLatentModel, VectorQuantizer, focal_loss,
+from defectscope.models.reconstruction._common import focal_loss
+from defectscope.models.reconstruction._dsr_nets import (DiscreteLatentModel, VectorQuantizer,
                                                         from_official, load_vq_weights, replace_codes, to_official)
 
 TINY = dict(embedding_dim=8, num_embeddings=32, hiddens=8, res_hiddens=4, res_layers=2)

@@ -4,6 +4,7 @@ score by the per-pixel reconstruction error."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...training import auto_device, load_images, seed_everything, train_loop
@@ -74,3 +75,17 @@ class ReconstructionModel(AnomalyModel):
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters (BatchNorm's running statistics are buffers, not counted)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
+    """The focal loss of DRAEM's and DSR's official code (``loss.py``, after Hsuxu's Loss_ToolBox), on
+    *probabilities*:
+    ``-(1 - p_t)^gamma log p_t`` averaged over pixels, with ``p_t = sum_c onehot_c p_c + smooth`` and
+    the one-hot target clamped to ``[smooth / (C - 1), 1 - smooth]``; alpha = 1.
+
+    ``probs``: ``[B, C, H, W]`` softmax output; ``target``: ``[B, 1, H, W]`` class indices (0/1)."""
+    c = probs.shape[1]
+    onehot = F.one_hot(target.squeeze(1).long(), c).permute(0, 3, 1, 2).to(probs.dtype)
+    onehot = onehot.clamp(smooth / (c - 1), 1.0 - smooth)
+    pt = (onehot * probs).sum(dim=1) + smooth
+    return (-(1 - pt).pow(gamma) * pt.log()).mean()

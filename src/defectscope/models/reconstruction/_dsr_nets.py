@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import DefectscopeError, ModelFileError
+from ...errors import ModelFileError
 
 __all__ = [
-    "VectorQuantizer", "DiscreteLatentModel", "SubspaceRestriction", "ObjectDecoder", "UNet", "focal_loss",
+    "VectorQuantizer", "DiscreteLatentModel", "SubspaceRestriction", "ObjectDecoder", "UNet",
     "replace_codes", "from_official", "to_official", "load_vq_weights",
 ]
 
@@ -303,19 +303,6 @@ def normal_init(module: nn.Module) -> nn.Module:
 
 
 # -- losses and the feature-space anomaly generator ----------------------------------------------------
-def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
-    """The official focal loss on *probabilities* (``loss.py``, after Hsuxu's Loss_ToolBox):
-    ``-(1 - p_t)^gamma log p_t`` averaged over pixels, with ``p_t = sum_c onehot_c p_c + smooth`` and
-    the one-hot target clamped to ``[smooth / (C - 1), 1 - smooth]``; alpha = 1.
-
-    ``probs``: ``[B, C, H, W]`` softmax output; ``target``: ``[B, 1, H, W]`` class indices (0/1)."""
-    c = probs.shape[1]
-    onehot = F.one_hot(target.squeeze(1).long(), c).permute(0, 3, 1, 2).to(probs.dtype)
-    onehot = onehot.clamp(smooth / (c - 1), 1.0 - smooth)
-    pt = (onehot * probs).sum(dim=1) + smooth
-    return (-(1 - pt).pow(gamma) * pt.log()).mean()
-
-
 def replace_codes(z: torch.Tensor, q: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor,
                   strength: torch.Tensor, generator: torch.Generator | None = None,
                   skip: float = 0.05) -> torch.Tensor:

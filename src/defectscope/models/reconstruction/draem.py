@@ -53,9 +53,9 @@ from .._inference import InferenceCache
 from ..base import Prediction, register
 from ..cost import Cost
 from ..params import Param, Tags
-from ._common import ReconstructionModel
+from ._common import ReconstructionModel, focal_loss
 
-__all__ = ["Draem", "ReconstructiveSubNetwork", "DiscriminativeSubNetwork", "draem_focal_loss", "draem_ssim_loss",
+__all__ = ["Draem", "ReconstructiveSubNetwork", "DiscriminativeSubNetwork", "draem_ssim_loss",
            "draem_loss", "draem_score", "lr_milestones"]
 
 
@@ -212,21 +212,9 @@ def draem_ssim_loss(rec: torch.Tensor, target: torch.Tensor, window_size: int = 
     return 1.0 - ssim_map.mean()
 
 
-def draem_focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
-    """The official ``FocalLoss`` on softmax probabilities ``probs`` ``[B, K, H, W]`` and the target
-    class per pixel ``mask`` ``[B, 1, H, W]`` (0 / 1): one-hot targets clamped to
-    ``[smooth / (K - 1), 1 - smooth]``, ``p_t = sum_k onehot_k p_k + smooth``,
-    ``loss = mean(-(1 - p_t)^gamma log p_t)`` (alpha = 1)."""
-    k = probs.shape[1]
-    onehot = F.one_hot(mask[:, 0].long(), k).permute(0, 3, 1, 2).to(probs.dtype)
-    onehot = onehot.clamp(smooth / (k - 1), 1.0 - smooth)
-    pt = (onehot * probs).sum(dim=1) + smooth
-    return (-(1 - pt).pow(gamma) * pt.log()).mean()
-
-
 def draem_loss(image: torch.Tensor, rec: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Eq. 5 with the official weights: ``L2(rec, image) + L_SSIM(rec, image) + focal(softmax(logits), mask)``."""
-    return F.mse_loss(rec, image) + draem_ssim_loss(rec, image) + draem_focal_loss(torch.softmax(logits, dim=1), mask)
+    return F.mse_loss(rec, image) + draem_ssim_loss(rec, image) + focal_loss(torch.softmax(logits, dim=1), mask)
 
 
 def lr_milestones(epochs: int) -> list[int]:

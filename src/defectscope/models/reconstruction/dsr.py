@@ -117,7 +117,8 @@ from ...training import auto_device, load_images, seed_everything
 from ..base import AnomalyModel, Prediction, register
 from ..cost import Cost
 from ..params import Param, Tags
-from ._dsr_nets import (DiscreteLatentModel, ObjectDecoder, SubspaceRestriction, UNet, focal_loss, load_vq_weights,
+from ._common import focal_loss
+from ._dsr_nets import (DiscreteLatentModel, ObjectDecoder, SubspaceRestriction, UNet, load_vq_weights,
                         normal_init, replace_codes)
 
 __all__ = ["DSR", "vq_cache_dir", "pretrain_vq"]
