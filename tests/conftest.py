@@ -43,3 +43,13 @@ def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     return make_synthetic(root, image_size=64, channels=1, n_train=60, n_test_good=16, n_test_defect=4, seed=0,
                           progress=False)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (as each xdist worker has), restored after it: keeps short
+    training runs reproducible and their floors stable when the file runs without xdist."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

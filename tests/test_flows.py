@@ -27,14 +27,7 @@ from defectscope.models.flow.fastflow import fastflow_flow, fastflow_loss, fastf
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small flows run many small operations; on a busy 2-core machine a second intra-op thread
-    mostly waits for a core (results do not depend on it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(module: nn.Module, gen: torch.Generator, scale: float = 0.5) -> nn.Module:

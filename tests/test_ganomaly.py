@@ -27,12 +27,7 @@ from defectscope.models.reconstruction.ganomaly import (
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("side", [16, 32, 64])

@@ -27,14 +27,7 @@ from defectscope.ops import (
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These kernels run many small operations; on a busy 2-core machine a second intra-op
-    thread mostly waits for a core (the results do not depend on it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------- blur

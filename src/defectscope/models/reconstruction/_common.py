@@ -48,14 +48,20 @@ class ReconstructionModel(AnomalyModel):
             raise DefectscopeError(f"{self.name}: image_size must be a multiple of {multiple}, got {self.image_size}; "
                                    f"pass --image-size {max(multiple, self.image_size // multiple * multiple)}")
 
+    def _start_fit(self, dataset, val_dataset=None):
+        """What every reconstruction fit begins with: seed, rebuild the networks (so the initial
+        weights depend only on the seed), move to the device, load the images. Returns
+        ``(generator, device, images, val_images or None)``."""
+        gen = seed_everything(self.params["seed"])
+        self._build()
+        device = auto_device(self.params["device"])
+        self.to(device)
+        val = load_images(val_dataset) if val_dataset is not None and len(val_dataset) else None
+        return gen, device, load_images(dataset), val
+
     def _fit(self, dataset, val_dataset=None) -> None:
         p = self.params
-        gen = seed_everything(p["seed"])
-        self._build()  # rebuild after seeding: the initial weights depend only on the seed
-        device = auto_device(p["device"])
-        self.to(device)
-        images = load_images(dataset)
-        val = load_images(val_dataset) if val_dataset is not None and len(val_dataset) else None
+        gen, device, images, val = self._start_fit(dataset, val_dataset)
         opt = torch.optim.Adam(self.net.parameters(), lr=p["lr"])
         self.history = train_loop(
             self.net, self.loss, images, epochs=p["epochs"], optimizer=opt,

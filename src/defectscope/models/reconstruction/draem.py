@@ -48,7 +48,7 @@ from torch import nn
 
 from ...errors import DefectscopeError
 from ...ops.synth import SOURCES, AnomalySynthesizer, rotate
-from ...training import auto_device, load_images, seed_everything, train_loop
+from ...training import train_loop
 from .._inference import InferenceCache
 from ..base import Prediction, register
 from ..cost import Cost
@@ -287,12 +287,7 @@ class Draem(ReconstructionModel):
     def _fit(self, dataset, val_dataset=None) -> None:
         p = self.params
         synth = AnomalySynthesizer(p["anomaly_source"], beta=tuple(p["beta"]))  # checks a folder before any work
-        gen = seed_everything(p["seed"])
-        self._build()  # rebuild after seeding: the initial weights depend only on the seed
-        device = auto_device(p["device"])
-        self.to(device)
-        images = load_images(dataset)
-        val = load_images(val_dataset) if val_dataset is not None and len(val_dataset) else None
+        gen, device, images, val = self._start_fit(dataset, val_dataset)
         params = list(self.reconstructive.parameters()) + list(self.discriminative.parameters())
         opt = torch.optim.Adam(params, lr=p["lr"])
         epochs = p["epochs"]
