@@ -73,6 +73,23 @@ mean/std for GANomaly):
   Perlin noise: anomalib's ``PerlinAnomalyGenerator()`` without a source folder).
 * GANomaly: image-only (no anomaly map: no pixel metrics, no ``maps``/``masks`` arrays);
   ``--batch-size``, ``--latent-vec-size``, ``--gan-features``, ``--lr``.
+
+UniNet (``uninet``): anomalib hard-codes Wide-ResNet50-2 (torchvision teachers, fixed widths); its
+teachers and student are redirected to EfficientNet-Lite0 and its bottleneck, feature selection and
+head rebuilt at Lite0's widths from its own blocks (``_uninet_lite0``); ``--epochs``, ``--batch-size``.
+
+The feature-adaptation models (``cfa``, ``supersimplenet``):
+
+* CFA accepts only torchvision's vgg19_bn / resnet18 / wide_resnet50_2 (none with ImageNet weights
+  offline) and hard-codes their return nodes and descriptor widths. For ``--backbone
+  tf_efficientnet_lite0`` it is built for ``resnet18`` with its module's ``get_return_nodes`` /
+  ``get_feature_extractor`` redirected to anomalib's ``TimmFeatureExtractor`` on EfficientNet-Lite0
+  ``blocks.1/2/4`` (strides 4/8/16, Wide-ResNet50 ``layer1/2/3``) and its descriptor's
+  ``CoordConv2d`` rebuilt for their 176 channels (``backbone_swap`` in the record); ``--gamma-c``,
+  ``--gamma-d``, ``--cfa-k``, ``--cfa-j``, ``--radius`` override anomalib's defaults (1, 1, 3, 3, 1e-5).
+* SuperSimpleNet takes any timm backbone: EfficientNet-Lite0 ``blocks.2/4`` (strides 8/16,
+  Wide-ResNet50 ``layer2/3``, the paper's), unsupervised (no labelled anomalies);
+  ``--perlin-threshold`` (anomalib 0.2).
 """
 
 from __future__ import annotations
@@ -96,7 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    choices=["patchcore", "padim", "stfpm", "reverse_distillation", "efficientad",
-                            "cflow", "fastflow", "csflow", "uflow", "draem", "dsr", "ganomaly"])
+                            "cflow", "fastflow", "csflow", "uflow", "draem", "dsr", "ganomaly", "uninet",
+                            "cfa", "supersimplenet"])
     p.add_argument("--data", required=True, help="MVTec-layout root (holds <category>/train, test, ground_truth)")
     p.add_argument("--category", required=True)
     p.add_argument("--image-size", type=int, default=256)
@@ -151,6 +169,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DSR: share of the epochs before the upsampling module's stage (anomalib's default 0.7)")
     p.add_argument("--latent-vec-size", type=int, default=None, help="GANomaly: latent size (anomalib 100)")
     p.add_argument("--gan-features", type=int, default=None, help="GANomaly: n_features (anomalib 64)")
+    # the feature-adaptation models (CFA, SuperSimpleNet)
+    p.add_argument("--gamma-c", type=int, default=None, help="CFA: memory compression gamma_c (anomalib 1)")
+    p.add_argument("--gamma-d", type=int, default=None, help="CFA: descriptor compression gamma_d (anomalib 1)")
+    p.add_argument("--cfa-k", type=int, default=None, help="CFA: K nearest neighbours (anomalib 3)")
+    p.add_argument("--cfa-j", type=int, default=None, help="CFA: J hard negatives (anomalib 3)")
+    p.add_argument("--radius", type=float, default=None, help="CFA: hypersphere radius (anomalib 1e-5)")
+    p.add_argument("--perlin-threshold", type=float, default=None, help="SuperSimpleNet: Perlin mask threshold "
+                   "(anomalib 0.2)")
     p.add_argument("--batch-size", type=int, default=32, help="train and eval batch size")
     p.add_argument("--normalize", choices=["backbone", "imagenet", "none"], default="backbone",
                    help="input normalisation: the backbone's own (timm pretrained_cfg), anomalib's stock ImageNet "
@@ -286,6 +312,9 @@ DEFAULT_LAYERS = {
     "cflow": ["blocks.2", "blocks.4", "blocks.6"],  # Wide-ResNet50 layer2/3/4: strides 8/16/32
     "fastflow": ["blocks.1", "blocks.2", "blocks.4"],  # ResNet18 layer1/2/3: strides 4/8/16
     "uflow": ["blocks.1", "blocks.2", "blocks.4"],  # ResNet18 layer1/2/3: strides 4/8/16
+    "uninet": ["blocks.1", "blocks.2", "blocks.4"],  # Wide-ResNet50 layer1/2/3: strides 4/8/16
+    "cfa": ["blocks.1", "blocks.2", "blocks.4"],  # Wide-ResNet50 layer1/2/3: strides 4/8/16
+    "supersimplenet": ["blocks.2", "blocks.4"],  # Wide-ResNet50 layer2/3: strides 8/16
 }
 
 #: torchvision's file for CS-Flow's EfficientNet-B5 (EfficientNet_B5_Weights.IMAGENET1K_V1), read from
@@ -332,6 +361,21 @@ def _swap_timm_backbone(args, layers) -> str | None:
         um.get_feature_extractor = get_feature_extractor
         return (f"anomalib's UflowModel built with backbone='resnet18', its get_feature_extractor redirected to "
                 f"anomalib's LayerNormFeatureExtractor({target}, layers={list(taps)})")
+    if args.model == "cfa":
+        # CFA: torchvision backbones only (vgg19_bn, resnet18, wide_resnet50_2), its return nodes and
+        # descriptor width hard-coded per name. Built for resnet18 with both module functions
+        # redirected to anomalib's own TimmFeatureExtractor on ``layers``; the descriptor's CoordConv
+        # is rebuilt for the taps' channel count in build_model.
+        cm = importlib.import_module("anomalib.models.image.cfa.torch_model")
+        from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+
+        target, taps = args.backbone, list(layers)
+        cm.get_return_nodes = lambda backbone: list(taps)
+        cm.get_feature_extractor = lambda backbone, return_nodes: TimmFeatureExtractor(
+            target, layers=list(return_nodes)).eval()
+        return (f"anomalib's CfaModel built with backbone='resnet18', its get_return_nodes / get_feature_extractor "
+                f"redirected to anomalib's TimmFeatureExtractor({target}, layers={taps}) and its descriptor's "
+                "CoordConv2d rebuilt for those layers' channels (anomalib hard-codes 448 for resnet18)")
     return None
 
 
@@ -354,6 +398,90 @@ def _csflow_backbone(args) -> str:
 
     cm.efficientnet_b5 = lambda weights=None, **kwargs: tv_b5(weights=None, **kwargs)
     return "torchvision EfficientNet-B5 with random weights (--random-weights: timing only)"
+
+
+def _uninet_lite0(args, layers, common):
+    """anomalib's UniNet on EfficientNet-Lite0 (``uninet``). anomalib builds its teachers with
+    torchvision (``Teachers._get_teacher``: ImageNet weights downloaded, Wide-ResNet-style names
+    ``layer1..3``) and hard-codes Wide-ResNet50 widths in its bottleneck (``BottleneckLayer``: 256 x 4
+    input channels...), its feature selection (``DomainRelatedFeatureSelection(256)``: theta widths
+    256/512/1024) and its classification head (``nn.Linear(256, 1)``). Here, before the model is
+    built, ``Teachers._get_teacher`` and the ``get_decoder`` of its torch module are redirected to
+    EfficientNet-Lite0 (timm, ``features_only``, ``out_indices`` 1/2/3 = ``layers``, the converted
+    ImageNet weights) and to anomalib's own ``ResNetDecoder`` of ``DecoderBasicBlock`` stages (2, 2, 2:
+    its ``de_resnet18``) at Lite0's widths; after it is built, its ``BottleneckLayer`` is rebuilt at
+    Lite0's widths from anomalib's own ``AttentionBottleneck`` blocks and ``_make_layer`` (3 blocks,
+    its ``width_per_group`` 64, its init including ``merge_kernel``), and the theta parameters and
+    ``fc`` get Lite0's widths. Everything else (loss, forward, optimiser, schedule, map and score)
+    is anomalib's code. The teachers stop at the deepest tapped block (``blocks.4``), as torchvision's
+    feature extractor stops at ``layer3``."""
+    import importlib
+
+    import timm
+    import torch
+    from torch import nn
+    from anomalib import models as am
+    from anomalib.models.components.backbone.resnet_decoder import DecoderBasicBlock, ResNetDecoder
+    from anomalib.models.image.uninet.components.attention_bottleneck import (AttentionBottleneck,
+                                                                               BottleneckLayer, conv3x3)
+
+    um = importlib.import_module("anomalib.models.image.uninet.torch_model")
+    probe = timm.create_model(args.backbone, pretrained=False, features_only=True, out_indices=(1, 2, 3))
+    names = [info["module"] for info in probe.feature_info.get_dicts()]
+    if names != list(layers):
+        raise SystemExit(f"uninet: timm's out_indices (1, 2, 3) tap {names}, not --layers {list(layers)}")
+    c1, c2, c3 = probe.feature_info.channels()
+
+    class Taps(nn.Module):  # timm's list of maps -> the dict of torchvision's feature extractor
+        def __init__(self):
+            super().__init__()
+            self.body = timm.create_model(args.backbone, pretrained=True, features_only=True, out_indices=(1, 2, 3))
+            # timm's features_only EfficientNet runs every block; keep those up to the deepest tap, as
+            # torchvision's create_feature_extractor (anomalib's teachers) computes nothing past layer3
+            self.body.blocks = self.body.blocks[:max(int(name.split(".")[1]) for name in layers) + 1]
+
+        def forward(self, x):
+            return dict(zip(layers, self.body(x)))
+
+    def init(module):  # anomalib's (torchvision's) initialisation, as in its decoder and bottleneck
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif hasattr(m, "merge_kernel"):
+                m.merge_kernel()
+
+    def lite0_decoder(name):
+        dec = ResNetDecoder(DecoderBasicBlock, [2, 2, 2])
+        dec.inplanes = 2 * c3
+        dec.layer1 = dec._make_layer(DecoderBasicBlock, c3, 2, stride=2)
+        dec.layer2 = dec._make_layer(DecoderBasicBlock, c2, 2, stride=2)
+        dec.layer3 = dec._make_layer(DecoderBasicBlock, c1, 2, stride=2)
+        init(dec)
+        return dec
+
+    um.Teachers._get_teacher = staticmethod(lambda backbone: Taps())
+    um.get_decoder = lite0_decoder
+    model = am.UniNet(student_backbone="lite0", teacher_backbone=args.backbone, **common)
+    bn = model.model.bottleneck
+    nn.Module.__init__(bn)
+    bn._norm_layer, bn.groups, bn.base_width, bn.halve = nn.BatchNorm2d, 1, 64, 2
+    bn.inplanes = c3  # _make_layer's first block reads 3 x inplanes channels
+    bn.bn_layer = nn.Sequential(bn._make_layer(AttentionBottleneck, c3 // 2, 3, stride=2))  # out 4 x c3/2
+    bn.conv1, bn.bn1 = conv3x3(c1, c2, 2), nn.BatchNorm2d(c2)
+    bn.relu = nn.ReLU(inplace=True)
+    bn.conv2, bn.bn2 = conv3x3(c2, c3, 2), nn.BatchNorm2d(c3)
+    bn.conv3, bn.bn3 = conv3x3(c2, c3, 2), nn.BatchNorm2d(c3)
+    init(bn)
+    for i, c in enumerate((c1, c2, c3), 1):
+        setattr(model.model.dfs, f"theta{i}", nn.Parameter(torch.zeros(1, c, 1, 1)))
+    model.model.fc = nn.Linear(c1, 1)
+    params = {"backbone": args.backbone, "layers": list(layers), "temperature": 0.1,
+              "widths": [c1, c2, c3], "student": "anomalib ResNetDecoder(DecoderBasicBlock, [2, 2, 2]) at Lite0 widths",
+              "bottleneck": "anomalib BottleneckLayer (3 AttentionBottleneck, width_per_group 64) at Lite0 widths"}
+    return model, params
 
 
 def build_pre_processor(args, mean, std):
@@ -449,6 +577,29 @@ def build_model(args, layers, pre_processor, evaluator):
                 f"backbones (get_decoder), not {args.backbone}; no ResNet ImageNet weights are available offline"
             )
         model = am.ReverseDistillation(**params, **common)
+    elif args.model == "uninet":
+        model, params = _uninet_lite0(args, layers, common)
+    elif args.model == "cfa":
+        params = {"backbone": "resnet18" if args.backbone_swap else args.backbone}
+        for key, flag in (("gamma_c", "gamma_c"), ("gamma_d", "gamma_d"), ("num_nearest_neighbors", "cfa_k"),
+                          ("num_hard_negative_features", "cfa_j"), ("radius", "radius")):
+            if getattr(args, flag) is not None:
+                params[key] = getattr(args, flag)
+        model = am.Cfa(**params, **common)
+        if args.backbone_swap:
+            import torch
+            from anomalib.models.image.cfa.torch_model import CoordConv2d
+
+            with torch.no_grad():
+                dims = sum(f.shape[1] for f in model.model.feature_extractor(torch.zeros(1, 3, 64, 64)).values())
+            model.model.descriptor.layer = CoordConv2d(in_channels=dims, out_channels=dims // params.get("gamma_d", 1),
+                                                       kernel_size=1)
+            params["descriptor_channels"] = dims
+    elif args.model == "supersimplenet":
+        params["supervised"] = False
+        if args.perlin_threshold is not None:
+            params["perlin_threshold"] = args.perlin_threshold
+        model = am.Supersimplenet(**params, **common)
     else:
         raise SystemExit(f"unknown model {args.model}")
     return model, params
@@ -817,7 +968,7 @@ def main(args) -> dict:
     else:
         record["weights"] = ensure_hf_weights(args.backbone)
     args.backbone_swap = None
-    if args.model in ("fastflow", "uflow"):
+    if args.model in ("fastflow", "uflow", "cfa"):
         args.backbone_swap = _swap_timm_backbone(args, layers)
         record["backbone_swap"] = args.backbone_swap
     seed_everything(args.seed, workers=True)

@@ -106,6 +106,10 @@ install_common() {
     # Its export path and OpenVINO inferencer (benchmarks/runtime.py): the same versions as
     # defectscope's export extra uses here, so both sides run the same OpenVINO and NNCF.
     "${PIP[@]}" "openvino==2026.4.1" "nncf==3.4.0" "onnx==1.23.2" "onnxscript==0.7.2"
+    # WinCLIP's CLIP (benchmarks/winclip_speed.py): open_clip inside anomalib's pinned range (open_clip 3.x
+    # runs its transformer batch-first, which anomalib's window pass does not expect), without its
+    # torchvision-pulling dependencies; its tokenizer needs ftfy and regex.
+    "${PIP[@]}" --no-deps "open_clip_torch==2.24.0" ftfy wcwidth regex
 }
 
 ROUTE="cpu"

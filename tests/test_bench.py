@@ -172,7 +172,8 @@ def test_bench_presets_resolve():
         assert sorted(run + missing) == sorted(names[name])  # nothing dropped
         assert all(m in MODELS for m in run) and not any(m in MODELS for m in missing)
     assert resolve_models(None, "PatchCore, sae,sae") == (["patchcore", "sae"], [], [])
-    assert resolve_models(None, None)[0] == sorted(MODELS)
+    one_class = sorted(m for m in MODELS if "one-class" in MODELS[m].tags.settings)
+    assert resolve_models(None, None)[0] == one_class  # zero-/few-shot-only methods: skipped in one-class
 
 
 def test_presets_and_model_filters_read_the_tags():
@@ -181,7 +182,8 @@ def test_presets_and_model_filters_read_the_tags():
 
     untrained, _, _ = resolve_models("no-training", None)
     assert untrained and all(not get_model_class(m).tags.trains for m in untrained)
-    assert set(untrained) == {m for m in MODELS if not get_model_class(m).tags.trains}
+    assert set(untrained) == {m for m in MODELS if not get_model_class(m).tags.trains
+                              and "one-class" in get_model_class(m).tags.settings}
     assert resolve_models(None, "patch*,trains=false")[0] == ["patchcluster", "patchcore"]
     assert resolve_models(None, "paradigm=reconstruction")[0] == ["dae", "draem", "dsr", "ganomaly", "sae"]
     image_only, _, _ = resolve_models(None, "pixel_level=false")

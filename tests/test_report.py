@@ -250,3 +250,46 @@ def test_no_shots_plot_with_a_single_shot_count(tmp_path):
     assert not (out / "few_shot.png").exists()
     text = (out / "report.html").read_text()
     assert "Few-shot: AUROC against the number of shots" in text and 'alt="AUROC against shots"' not in text
+
+
+def test_ap_and_mad_columns_and_the_mean_weighs_categories_equally():
+    from defectscope.report.tables import MAD_METRICS, csv_table, mad, markdown_table, mean_rows
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for cat, n_test in (("a", 10), ("b", 1000)):  # very different test-set sizes
+        rec = {"model": "m", "category": cat, "n_test": n_test, "latency_ms": 1.0}
+        rec.update({k: float(rng.uniform(0.5, 1.0)) for k in MAD_METRICS})
+        recs.append(rec)
+    image_only = {"model": "img", "category": "a", "image_auroc": 0.9, "image_ap": 0.8, "image_f1_max": 0.7}
+    # mAD: the plain mean of the seven metrics, written out; none for an image-only method
+    for r in recs:
+        want = (r["image_auroc"] + r["image_ap"] + r["image_f1_max"] + r["pixel_auroc"] + r["pixel_ap"]
+                + r["pixel_f1_max"] + r["aupro"]) / 7
+        assert mad(r) == pytest.approx(want)
+    assert mad(image_only) is None
+    [row] = mean_rows(recs)
+    for k in MAD_METRICS:  # each category weighs 1/2 whatever its image count
+        assert row[k] == pytest.approx((recs[0][k] + recs[1][k]) / 2)
+    assert row["mad"] == pytest.approx((mad(recs[0]) + mad(recs[1])) / 2)
+    md = markdown_table(recs + [image_only])
+    head = md.splitlines()[0]
+    assert "img AP" in head and "px AP" in head and "mAD" in head and "AUPRO" in head and "img AUROC" in head
+    assert f"{100 * recs[1]['pixel_ap']:.1f}" in md.splitlines()[3]
+    assert md.splitlines()[4].split("|")[head.split("|").index(" mAD ")].strip() == "-"
+    csv_head = csv_table(recs).splitlines()[0].split(",")
+    assert {"image_ap", "pixel_ap", "mad"} <= set(csv_head)
+
+
+def test_a_multi_class_cell_keeps_one_row_per_category(tmp_path):
+    from defectscope.report.html import _records
+
+    base = {"model": "padim", "setting": "multi-class", "cell_key": "k1", "image_auroc": 0.5}
+    for rec in ({**base, "category": "a"}, {**base, "category": "b"},
+                {**base, "category": "a", "image_auroc": 0.7},  # a rerun of the cell: the last row wins
+                {"model": "padim", "setting": "one-class", "cell_key": "k0", "category": "a"}):
+        append_result(tmp_path, rec)
+    rows = _records(tmp_path)
+    assert [(r["setting"], r["category"]) for r in rows] == [("one-class", "a"), ("multi-class", "a"),
+                                                              ("multi-class", "b")]
+    assert rows[1]["image_auroc"] == 0.7

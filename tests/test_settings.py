@@ -136,4 +136,13 @@ def test_bench_cli_few_shot_and_multi_class(tiny, tmp_path, capsys):
     assert code == 2 and "does not support the zero-shot setting" in capsys.readouterr().out
     code = main(["bench", "--models", "gaussian_ad", "--data", tiny, "--setting", "multi-class", "--image-size", "32",
                  "--out", str(tmp_path / "multi"), "--latency-runs", "2", "--no-report"])
-    assert code == 0 and sorted(r["category"] for r in read_results(tmp_path / "multi")) == ["fabric", "washer"]
+    rows = read_results(tmp_path / "multi")  # the one-class baseline beside the multi-class model
+    assert code == 0 and sorted((r["setting"], r["category"]) for r in rows) == [
+        ("multi-class", "fabric"), ("multi-class", "washer"), ("one-class", "fabric"), ("one-class", "washer")]
+    md = (tmp_path / "multi" / "results.md").read_text()
+    assert "multi-class change" in md and "## image AP" in md and "## mAD" in md and "img AP" in md
+    one = {r["category"]: r["image_auroc"] for r in rows if r["setting"] == "one-class"}
+    multi = {r["category"]: r["image_auroc"] for r in rows if r["setting"] == "multi-class"}
+    drop = 100 * (sum(multi.values()) / 2 - sum(one.values()) / 2)  # each category weighs the same
+    image_table = md.split("## image AUROC")[1].split("##")[0]
+    assert f"{drop:+.1f}" in image_table.split("gaussian_ad")[1].splitlines()[0]

@@ -58,6 +58,7 @@ def cmd_fit(args) -> int:
     model = create_model(args.model, **params)
     model.check_weights()  # a missing weights file is said before the data is read or generated
     anomalies = _val_anomalies(args, model)  # checks the calibration options before any work
+    train_anomalies = _train_anomalies(args, model)  # labelled defects to learn from (supervised methods)
     if args.threshold == "nfa":
         from .deploy.threshold import use_nfa_map
 
@@ -65,7 +66,10 @@ def cmd_fit(args) -> int:
     data = load_dataset(args.data, args.category, "train", image_size=model.input_size, channels=model.channels)
     train, val = validation_split(data, args.val_fraction, seed=int(model.params.get("seed") or 0))
     t0 = time.perf_counter()
-    model.fit(train, val)
+    from .models import FitContext
+
+    context = FitContext("one-class", (data.category,) if data.category else ())  # e.g. WinCLIP's prompts
+    model.fit(train, val, anomalies=train_anomalies, context=context)
     fit_s = time.perf_counter() - t0
     _calibrate(model, val, anomalies, args)
     model.save(args.out)
@@ -89,6 +93,45 @@ def _val_anomalies(args, model):
         return None
     return image_folder_dataset(args.val_anomalies, 1, masks=args.val_masks, image_size=model.input_size,
                                 channels=model.channels)
+
+
+def _train_anomalies(args, model):
+    """``--train-anomalies DIR [--train-masks DIR]`` as a data set, for a method tagged supervised;
+    refused (one line) when an image is also in the data set's TEST split, by resolved path or by
+    content (the same bytes under another name)."""
+    if not args.train_anomalies:
+        if args.train_masks:
+            raise DefectscopeError("--train-masks needs --train-anomalies")
+        return None
+    if not model.tags.supervised:
+        raise DefectscopeError(f"--train-anomalies: {model.name} cannot learn from labelled defects (not a supervised "
+                               f"method; 'defectscope models NAME' shows the tag)")
+    import hashlib
+
+    from .data import load_dataset
+    from .data.validation import image_folder_dataset
+
+    anomalies = image_folder_dataset(args.train_anomalies, 1, masks=args.train_masks, image_size=model.input_size,
+                                     channels=model.channels)
+    test = [Path(t) for t in load_dataset(args.data, args.category, "test").paths]
+    mine = [Path(a) for a in anomalies.paths]
+    resolved = {t.resolve(): t for t in test}
+    for a in mine:
+        if a.resolve() in resolved:
+            raise DefectscopeError(f"--train-anomalies: {a} is an image of the test split of {args.data}; labelled "
+                                   "training defects must come from outside the test set")
+    sizes = {a.stat().st_size for a in mine}
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    test_hash = {digest(t): t for t in test if t.stat().st_size in sizes}  # only files that could be equal
+    for a in mine:
+        twin = test_hash.get(digest(a)) if test_hash else None
+        if twin is not None:
+            raise DefectscopeError(f"--train-anomalies: {a} has the same content as the test image {twin}; labelled "
+                                   "training defects must come from outside the test set")
+    return anomalies
 
 
 def _calibrate(model, val, anomalies, args) -> None:
@@ -259,10 +302,26 @@ def cmd_serve(args) -> int:
         if not key:
             raise DefectscopeError(f"serve: --api-key-env {args.api_key_env}: that environment variable is not set "
                                    "or empty")
+    ray_only = [flag for flag, value in (("--replicas", args.replicas), ("--ray-address", args.ray_address),
+                                          ("--replica-cpus", args.replica_cpus)) if value is not None]
+    if args.backend != "ray" and ray_only:
+        raise DefectscopeError(f"serve: {', '.join(ray_only)} only with --backend ray")
+    if args.backend == "ray":
+        if args.replicas is not None and args.replicas < 1:
+            raise DefectscopeError(f"serve: --replicas must be >= 1, got {args.replicas}")
+        from .serve.ray_backend import require_ray_serve
+
+        require_ray_serve()
     models = parse_model_args(args.model_dirs)
     config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024), api_key=key,
                          reports=args.reports or (), workers=args.workers, device=args.device, runtime=args.runtime)
+    if args.backend == "ray":
+        from .serve.ray_backend import run as run_ray
+
+        run_ray(models, config, host=args.host, port=args.port, replicas=args.replicas or 1, address=args.ray_address,
+                log_level=args.log_level, drain_timeout=args.drain_timeout, replica_cpus=1.0 if args.replica_cpus is None else args.replica_cpus)
+        return 0
     run(models, config, host=args.host, port=args.port, log_level=args.log_level, drain_timeout=args.drain_timeout)
     return 0
 
@@ -296,6 +355,13 @@ def _serve_parser(sub) -> None:
     s.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let requests in "
                    "flight finish (default 30)")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    s.add_argument("--backend", choices=("uvicorn", "ray"), default="uvicorn", help="uvicorn: one process (default); "
+                   "ray: the same app on Ray Serve, --replicas copies behind Ray's HTTP proxy at --host/--port "
+                   "(needs: pip install 'defectscope[serve-ray]')")
+    s.add_argument("--replicas", type=int, help="--backend ray: replicas, each loading the models (default 1)")
+    s.add_argument("--replica-cpus", type=float, help="--backend ray: CPUs each replica reserves (default 1)")
+    s.add_argument("--ray-address", metavar="ADDR", help="--backend ray: join this Ray cluster (HOST:PORT, "
+                   "ray://HOST:PORT or auto; the model directories must exist on its nodes); default: start Ray here")
     s.set_defaults(func=cmd_serve)
 
 
@@ -386,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="model directory to write")
     s.add_argument("--image-size", type=int, help="input side in pixels (default: the method's)")
     s.add_argument("--param", action="append", metavar="NAME=VALUE", help="hyper-parameter (repeatable)")
+    s.add_argument("--train-anomalies", metavar="DIR", help="labelled defective TRAINING images (never the test set; "
+                   "refused if one is in the test split) for a method that learns from them (supersimplenet)")
+    s.add_argument("--train-masks", metavar="DIR", help="masks of the --train-anomalies images (<stem>.png or "
+                   "<stem>_mask.png); without them, image-level labels only")
     _calibration_arguments(s)
     from .data.validation import DEFAULT_VAL_FRACTION
 

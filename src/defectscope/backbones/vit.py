@@ -203,9 +203,13 @@ VIT_BACKBONES: dict[str, ViTSpec] = {
 }
 
 
-def get_vit_spec(name: str) -> ViTSpec:
+def get_vit_spec(name: "str | ViTSpec") -> ViTSpec:
     """The spec of ViT backbone ``name``; timm names (``vit_small_patch14_dinov2[.lvd142m]``) and
-    Hugging Face repository ids (``facebook/dinov2-small``) are accepted too."""
+    Hugging Face repository ids (``facebook/dinov2-small``) are accepted too, and a
+    :class:`ViTSpec` itself (an architecture not in :data:`VIT_BACKBONES`, e.g. a method's
+    test-sized encoder) is returned as it is."""
+    if isinstance(name, ViTSpec):
+        return name
     if name in VIT_BACKBONES:
         return VIT_BACKBONES[name]
     for spec in VIT_BACKBONES.values():

@@ -106,7 +106,7 @@ class ViTExtractor(Frozen):
 
 
 def create_vit(
-    name: str,
+    name: "str | ViTSpec",
     blocks: Sequence[str | int] | str | int | None = None,
     weights: PathLike | None = None,
     pretrained: bool = True,
@@ -118,7 +118,9 @@ def create_vit(
     """A patch-token extractor of ViT backbone ``name`` (see :data:`VIT_BACKBONES`) at ``blocks``.
 
     ``name``: ``dinov2_vits14``, ``dinov2_vitb14``, ``dinov2_vits14_reg``, ``dinov2_vitb14_reg``,
-    ``clip_vitb16`` (timm names and Hugging Face repository ids are accepted too).
+    ``clip_vitb16`` (timm names and Hugging Face repository ids are accepted too), or a
+    :class:`~defectscope.backbones.vit.ViTSpec` not in the registry (its weights are looked for
+    under its own hub file names).
     ``blocks``: ``"blocks.N"`` names or int indices (negative from the end; returned under their
     ``"blocks.N"`` name); default: the last block. An unknown block is an
     :class:`~defectscope.backbones.registry.UnknownBackboneError` listing the valid ones.
@@ -141,7 +143,7 @@ def create_vit(
     if not names:
         raise ValueError(f"no blocks requested from ViT backbone {spec.name!r}")
     if pretrained:
-        source = resolve_vit_weights_source(spec.name, weights, allow_download)
+        source = resolve_vit_weights_source(spec, weights, allow_download)
     elif weights is not None:
         raise ValueError("weights= was given together with pretrained=False; drop one of them")
     else:

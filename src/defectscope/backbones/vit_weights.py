@@ -139,7 +139,7 @@ def _in_hub_folder(names: list[str], folder: Path) -> Path | None:
     return None
 
 
-def find_vit_weights(name: str, weights: PathLike | None = None) -> WeightsSource | None:
+def find_vit_weights(name: "str | ViTSpec", weights: PathLike | None = None) -> WeightsSource | None:
     """Sources 1-3 (no download, nothing loaded); ``None`` when none has a file.
 
     An explicit ``weights`` path that does not exist, or a folder without any expected file,
@@ -167,11 +167,11 @@ def find_vit_weights(name: str, weights: PathLike | None = None) -> WeightsSourc
 def not_found_message(spec: ViTSpec, extra: str = "") -> str:
     """One line: the file expected, the folder to put it in, and the other ways to get weights."""
     first = spec.hub_files[0]
-    alternatives = [f"{f.repo}'s {f.filename}" for f in spec.hub_files[1:] if f.filename.endswith(".safetensors")]
-    where = f" in the Hugging Face hub cache {hf_hub_cache()}" if alternatives else ""
+    others = [f"{f.repo}'s {f.filename}" for f in spec.hub_files[1:] if f.filename.endswith(".safetensors")]
+    alternatives = [f"{', '.join(others)} in the Hugging Face hub cache {hf_hub_cache()}"] if others else []
     if spec.torch_hub_files:
         alternatives.append(f"{' or '.join(spec.torch_hub_files)} in {hub_checkpoint_dir()}")
-    also = f" (or {', '.join(alternatives)}{where})" if alternatives else ""
+    also = f" (or {'; or '.join(alternatives)})" if alternatives else ""
     how = [
         f"download it by hand from {first.url} into that folder",
         f"allow downloading with {ENV_ALLOW_DOWNLOAD}=1 (needs huggingface_hub: pip install 'defectscope[vit]')",
@@ -181,7 +181,7 @@ def not_found_message(spec: ViTSpec, extra: str = "") -> str:
             f"of {first.repo} in {hub_target_dir(first.repo)}{also}; " + "; or ".join(how))
 
 
-def download_vit_weights(name: str) -> Path:
+def download_vit_weights(name: "str | ViTSpec") -> Path:
     """Source 4: ``huggingface_hub.hf_hub_download`` of the spec's first hub file into the hub cache."""
     spec = get_vit_spec(name)
     target: HubFile = spec.hub_files[0]
@@ -200,15 +200,15 @@ def download_vit_weights(name: str) -> Path:
     return Path(path)
 
 
-def resolve_vit_weights_source(name: str, weights: PathLike | None = None,
+def resolve_vit_weights_source(name: "str | ViTSpec", weights: PathLike | None = None,
                                allow_download: bool | None = None) -> WeightsSource:
     """Sources 1-4 in order; raises :class:`WeightsNotFoundError` when none has the weights."""
     spec = get_vit_spec(name)
-    found = find_vit_weights(spec.name, weights)
+    found = find_vit_weights(spec, weights)
     if found is not None:
         return found
     if download_allowed(allow_download):
-        return WeightsSource("download", download_vit_weights(spec.name))
+        return WeightsSource("download", download_vit_weights(spec))
     raise WeightsNotFoundError(not_found_message(spec))
 
 

@@ -80,7 +80,8 @@ def add_bench_arguments(p) -> None:
                    choices=("normal", "one-class", "multi-class", "few-shot", "zero-shot", "blind-mix", "blind-test",
                             "blind-ano"),
                    help="normal = one-class (train on train/good of each category, the default); multi-class (one "
-                        "model learns the union of the categories' training images, evaluated per category); "
+                        "model learns the union of the categories' training images, evaluated per category, beside "
+                        "the one-class cells of the same models, and the drop between them); "
                         "few-shot (--shots K normal training images, drawn by seed); zero-shot (no training image, "
                         "methods tagged zero-shot only); blind-mix (train/good plus a fraction "
                         "of the anomalous test images, unlabelled; evaluate on the rest); blind-test (the unlabelled "
@@ -258,12 +259,23 @@ def bench_main(args) -> int:
     from ..models import get_model_class
 
     params = {m: get_model_class(m).convert_params(p) for m, p in params.items()}
+    for m in [m for m in run if "zero-shot" in get_model_class(m).tags.settings]:
+        # methods needing what the user points to (CLIP weights, a model server): skipped when absent
+        ok, note = get_model_class(m)(**params[m]).weights_available()
+        if not ok:
+            print(f"skipped: {m}: {note}", flush=True)
+            run.remove(m)
+            params.pop(m)
+    if not run:
+        raise DefectscopeError(f"no model left to run in the {setting} setting (the others were skipped above)")
     if args.backend == "ray" and importlib.util.find_spec("ray") is None:
         raise DefectscopeError("--backend ray needs Ray: pip install 'defectscope[ray]'")
     counts = check_data(args.data, split_list(args.categories))
     categories = list(counts)
     seeds = [int(s) for s in split_list(args.seeds)] or [0]
     cells = cells_for(run, args.data, categories, seeds, params, setting, levels, shots)
+    if setting == "multi-class":  # the baseline the report compares with: one model per category
+        cells = cells_for(run, args.data, categories, seeds, params, "one-class") + cells
     runtimes = _runtimes(getattr(args, "runtime", None))
     if runtimes != ["torch"]:
         cells = [dataclasses.replace(c, runtime=r) for c in cells for r in runtimes]

@@ -467,6 +467,9 @@ def export_model(model, out, format: str = "onnx", *, int8: bool = False, resize
         raise ExportError("INT8 is available with --format openvino only")
     if not isinstance(model, AnomalyModel):
         model = load_model(model)
+    if model.tags.export is None:
+        raise ExportError(f"{model.name}: this method cannot be exported (tags: export none); run it with PyTorch "
+                          "(runtime torch)")
     if not model.fitted:
         raise ExportError(f"{model.name}: cannot export a model that has not been fitted")
     model = model.to("cpu").eval()

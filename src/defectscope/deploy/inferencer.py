@@ -105,8 +105,11 @@ class Result:
         image: the preprocessed input ``[C, H, W]`` (only with ``keep_inputs=True`` or ``"original"``);
             ``original``: the input as read, ``[C, H, W]`` in [0, 1] before resizing (only with
             ``keep_inputs="original"``).
-        error: for :meth:`Inferencer.stream` only: why this input could not be scored (the other
-            fields are then None / NaN).
+        error: why this input could not be scored (the other fields are then None / NaN): an
+            unreadable input (:meth:`Inferencer.stream` only), or a method that failed on this
+            image alone (VLM-AD: the server's error; its score is NaN).
+        explanation: the method's words on this image (VLM-AD's answer), or None for methods that
+            do not explain.
     """
 
     score: float
@@ -120,6 +123,7 @@ class Result:
     image: Optional[torch.Tensor] = None
     error: Optional[str] = None
     original: Optional[torch.Tensor] = None
+    explanation: Optional[str] = None
 
     @property
     def verdict(self) -> str:
@@ -226,7 +230,7 @@ class Inferencer:
             self.runtime = load_runtime(self.model, runtime, model_dir=self.source,
                                         calibration_images=calibration_images)
         self._lock = threading.Lock()
-        if warmup:
+        if warmup and not getattr(self.model, "remote", False):  # no blank image sent to a model server
             self.predict(torch.zeros(self.model.channels, *self.preprocess.image_size))
 
     def __repr__(self) -> str:
@@ -282,10 +286,17 @@ class Inferencer:
         if amap is not None and cal is not None and cal.pixel_threshold is not None:
             nmap, mask = cal.normalize_map(amap).numpy(), cal.mask(amap).numpy()
         amap = amap.numpy() if amap is not None else None
-        return [Result(score=float(score[i]), normalized=norm[i], defect=defect[i],
-                       anomaly_map=None if amap is None else amap[i],
-                       normalized_map=None if nmap is None else nmap[i],
-                       mask=None if mask is None else mask[i]) for i in range(len(score))]
+        words = pred.explanation
+        results = [Result(score=float(score[i]), normalized=norm[i], defect=defect[i],
+                          anomaly_map=None if amap is None else amap[i],
+                          normalized_map=None if nmap is None else nmap[i],
+                          mask=None if mask is None else mask[i],
+                          explanation=None if words is None else words[i]) for i in range(len(score))]
+        for r in results:  # a method that failed on one image (VLM-AD): NaN score, no verdict, the reason
+            if r.score != r.score:
+                r.normalized = r.defect = None
+                r.error = (r.explanation or "").removeprefix("error: ") or "the method gave no score"
+        return results
 
     def _from_graph(self, out: dict) -> list[Result]:
         """Results from the outputs of an exported graph (the calibration is inside it)."""

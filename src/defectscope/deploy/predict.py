@@ -7,9 +7,11 @@ file gets a row with its error, a line on stderr, and the run goes on.
 
 Outputs in ``OUT``:
 
-* ``scores.csv``: ``path, score, normalized, verdict, error`` one row per input file, in order:
-  raw score, normalised score (0.5 = the calibrated threshold), ``defect`` / ``good`` / ``error``
-  (an uncalibrated model: normalised score and verdict empty, after one warning);
+* ``scores.csv``: ``path, score, normalized, verdict, error, explanation`` one row per input file,
+  in order: raw score, normalised score (0.5 = the calibrated threshold), ``defect`` / ``good`` /
+  ``error`` (an uncalibrated model: normalised score and verdict empty, after one warning), the
+  method's words on the image (VLM-AD's answer; empty for methods that do not explain). An image
+  the method failed on (VLM-AD: the server's error) gets an empty score, ``error`` and the reason;
 * on request, ``heatmaps/``, ``overlays/`` and ``masks/``: ``<row>_<stem>.png`` (``row`` = the
   1-based CSV row, so names are unique without remembering them). Heatmaps and overlays colour the
   *normalised* map on a fixed scale 0..1 (the pixel threshold is the middle colour), so pictures
@@ -38,7 +40,7 @@ from .inferencer import Inferencer, warn_if_uncalibrated
 
 __all__ = ["expand_paths", "check_paths", "count_paths", "predict_paths", "CSV_FIELDS"]
 
-CSV_FIELDS = ("path", "score", "normalized", "verdict", "error")
+CSV_FIELDS = ("path", "score", "normalized", "verdict", "error", "explanation")
 
 
 def expand_paths(paths: Iterable) -> Iterator[Path]:
@@ -122,12 +124,12 @@ def predict_paths(model, paths: Iterable, out_dir="predictions", *, heatmap: boo
         results = inf.stream(expand_paths(paths), batch_size=batch_size, keep_inputs=keep)
         for row, r in enumerate(progress(results, total=total, desc="predict", unit="img", leave=True), start=1):
             if r.error is not None:
-                writer.writerow([r.source, "", "", "error", r.error])
+                writer.writerow([r.source, "", "", "error", r.error, r.explanation or ""])
                 print(f"defectscope: skipped: {r.error}", file=sys.stderr)
                 counts["skipped"] += 1
                 continue
             norm = "" if r.normalized is None else f"{r.normalized:.6f}"
-            writer.writerow([r.source, f"{r.score:.6g}", norm, r.verdict, ""])
+            writer.writerow([r.source, f"{r.score:.6g}", norm, r.verdict, "", r.explanation or ""])
             f.flush()
             counts["scored"] += 1
             counts["defects"] += bool(r.defect)

@@ -67,10 +67,12 @@ def dir_size_mb(path) -> float:
 def predict_dataset(model: AnomalyModel, dataset, batch_size: int = 16, desc: str = "predict") -> dict[str, np.ndarray]:
     """Run ``model`` over ``dataset``; returns scores [N], labels [N], maps [N,H,W] and masks."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    scores, labels, maps, masks = [], [], [], []
+    scores, labels, maps, masks, words = [], [], [], [], []
     for batch in progress(loader, desc=desc, unit="batch"):
         pred = model.predict(batch["image"])
         scores.append(pred.score.numpy())
+        explanation = getattr(pred, "explanation", None)  # an exported graph's outputs have none
+        words += list(explanation) if explanation is not None else [""] * len(pred.score)
         labels.append(np.asarray(batch["label"]))
         masks.append(batch["mask"].numpy().astype(bool))
         if pred.anomaly_map is not None:
@@ -80,6 +82,7 @@ def predict_dataset(model: AnomalyModel, dataset, batch_size: int = 16, desc: st
         "labels": np.concatenate(labels).astype(int),
         "maps": np.concatenate(maps) if maps else None,
         "masks": np.concatenate(masks),
+        "explanations": words if any(words) else None,  # per image, for the methods that explain (VLM-AD)
     }
 
 

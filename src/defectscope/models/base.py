@@ -61,10 +61,13 @@ class Prediction:
         score: ``[B]`` float tensor, higher = more anomalous.
         anomaly_map: ``[B, H, W]`` float tensor at the input resolution, or ``None`` for methods
             that only score whole images (they never return a fake map).
+        explanation: one text per image saying why (VLM-AD's answer; a failed image:
+            ``"error: ..."`` with a NaN score), or ``None`` for methods that do not explain.
     """
 
     score: torch.Tensor
     anomaly_map: torch.Tensor | None = None
+    explanation: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,8 @@ class AnomalyModel(nn.Module):
         self.calibration: Calibration | None = None
         #: What :meth:`fit` was told besides the images (:class:`FitContext`).
         self.context = FitContext()
+        #: Labelled anomalous training images during :meth:`fit` of a supervised method, else None.
+        self.train_anomalies = None
 
     # -- what subclasses implement ------------------------------------------------------------
     def _build(self, pretrained: bool = True) -> None:
@@ -325,15 +330,34 @@ class AnomalyModel(nn.Module):
             return t.device
         return torch.device("cpu")
 
-    def fit(self, dataset=None, val_dataset=None, *, context: FitContext | None = None) -> "AnomalyModel":
+    def fit(self, dataset=None, val_dataset=None, *, context: FitContext | None = None,
+            anomalies=None) -> "AnomalyModel":
         """Learn what normal looks like from ``dataset`` (items: dicts with an ``"image"``).
 
         ``val_dataset``, when given, holds normal images for early stopping or calibration,
         taken from the training side (never the test set). ``context``: the setting and the
         categories (:class:`FitContext`). A method tagged zero-shot may be fitted with no data set
         (``dataset=None`` or empty); every other method refuses that.
+
+        ``anomalies``: labelled anomalous TRAINING images (never the test set), for a method tagged
+        ``supervised`` (:class:`~defectscope.models.params.Tags`): a data set whose items are dicts
+        with an ``"image"`` (at the model's :attr:`input_size`) and optionally a ``"mask"``
+        (``[1, H, W]`` or ``[H, W]``; absent or all zero = an image-level label only). The other
+        methods refuse them, and so does a tiled fit (the masks are not cut into tiles). The method
+        reads them as ``self.train_anomalies`` in ``_fit`` (None when not given or empty).
         """
         self.context = context or FitContext()
+        if anomalies is not None and len(anomalies) == 0:
+            anomalies = None
+        if anomalies is not None and not self.tags.supervised:
+            able = ", ".join(n for n in sorted(MODELS) if MODELS[n].tags.supervised) or "none"
+            raise DefectscopeError(f"{self.name}: cannot use labelled anomalous training images (not a supervised "
+                                   f"method; those that are: {able})")
+        if anomalies is not None and self.tiling:
+            raise DefectscopeError(f"{self.name}: labelled anomalous training images cannot be used with tiling "
+                                   f"(tile_from={self.params['tile_from']}): their masks are not cut into tiles; "
+                                   "drop tile_from or the anomalies")
+        self.train_anomalies = anomalies
         if dataset is None or len(dataset) == 0:
             if "zero-shot" not in self.tags.settings:
                 raise DefectscopeError(f"{self.name}: the training set is empty (this method is not zero-shot: "
@@ -345,7 +369,10 @@ class AnomalyModel(nn.Module):
                 val_dataset = self._tiles_of(val_dataset)
         seed_everything(self.params["seed"])  # what _build draws (initial weights) depends on the seed only
         self._build()
-        self._fit(dataset, val_dataset)
+        try:
+            self._fit(dataset, val_dataset)
+        finally:
+            self.train_anomalies = None  # read by _fit only: the model keeps no reference to the images
         self.fitted = True
         self.eval()
         return self
@@ -370,7 +397,8 @@ class AnomalyModel(nn.Module):
         pred = self._infer(images.to(self.device, torch.float32))
         score = pred.score.detach().float().cpu()
         amap = None if pred.anomaly_map is None else pred.anomaly_map.detach().float().cpu()
-        return Prediction(score=score, anomaly_map=amap)
+        return Prediction(score=score, anomaly_map=amap,
+                          explanation=None if pred.explanation is None else [str(t) for t in pred.explanation])
 
     # -- persistence (see defectscope.models.io) ------------------------------------------------
     def save(self, path) -> None:

@@ -252,6 +252,8 @@ class Tags:
         export: ``"dynamic"`` (exports with a dynamic batch dimension), ``"batch-1"`` (exports, fed
             one image at a time) or ``None`` (not exportable).
         input: ``"rgb"`` or ``"gray"``: the input its paper uses (its ``channels`` default).
+        supervised: whether it can use labelled anomalous training images (``fit(...,
+            anomalies=...)``, the CLI's ``--train-anomalies``); the others refuse them.
     """
 
     settings: frozenset = frozenset({"one-class", "multi-class", "few-shot", "blind"})
@@ -260,6 +262,7 @@ class Tags:
     weights: str | None = "backbone"
     export: str | None = "dynamic"
     input: str = "rgb"
+    supervised: bool = False
 
     def __post_init__(self) -> None:
         bad = set(self.settings) - set(SETTINGS)
@@ -274,7 +277,7 @@ class Tags:
     def to_dict(self) -> dict[str, Any]:
         return {"settings": sorted(self.settings, key=SETTINGS.index), "trains": self.trains,
                 "pixel_level": self.pixel_level, "weights": self.weights, "export": self.export,
-                "input": self.input}
+                "input": self.input, "supervised": self.supervised}
 
     def matches(self, **wanted: Any) -> bool:
         """Whether every ``tag=value`` holds (``setting="zero-shot"`` tests membership)."""

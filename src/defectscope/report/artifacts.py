@@ -10,6 +10,7 @@ loads with ``allow_pickle=False``), small whatever the size of the test set:
 * ``images`` ``[K, H, W, 3]`` uint8, ``masks`` ``[K, H, W]`` bool (ground truth), and, for models
   that make anomaly maps, ``maps`` ``[K, H, W]`` float32;
 * ``defect_types`` ``[K]`` and ``paths`` ``[K]`` (unicode arrays), ``example_scores`` ``[K]``;
+* for methods that explain (VLM-AD): ``explanations`` ``[K]`` (unicode), each example's words;
 * for maps: ``pixel_threshold`` (the pixel F1-max threshold over ALL the cell's test pixels, used
   only to draw a predicted mask in the report: it is chosen on the test images, so it is for
   display, not a deployable threshold) and ``map_range`` (min, max over all test maps, so that the
@@ -64,7 +65,7 @@ def save_artifacts(out_dir, predictions: dict[str, Any], dataset, n_examples: in
     """Write ``predictions.npz`` for one evaluated cell into ``out_dir``; returns its path.
 
     ``predictions`` is what :func:`defectscope.engine.predict_dataset` returns (``scores``,
-    ``labels``, ``maps`` or None, ``masks``); ``dataset`` is the test set it was computed on (the
+    ``labels``, ``maps`` or None, ``masks``, ``explanations`` or None); ``dataset`` is the test set it was computed on (the
     example images are read from it again).
     """
     from ..metrics import f1_max_threshold
@@ -86,6 +87,9 @@ def save_artifacts(out_dir, predictions: dict[str, Any], dataset, n_examples: in
     arrays["defect_types"] = np.asarray([str(it.get("defect_type", "")) for it in items], dtype=str)
     arrays["paths"] = np.asarray([str(it.get("path", "")) for it in items], dtype=str)
     arrays["example_scores"] = scores[idx] if len(idx) else np.zeros(0, np.float32)
+    words = predictions.get("explanations")
+    if words is not None:
+        arrays["explanations"] = np.asarray([str(words[i]) for i in idx], dtype=str)
     maps = predictions.get("maps")
     if maps is not None:
         maps = np.asarray(maps, dtype=np.float32)

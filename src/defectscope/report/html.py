@@ -26,8 +26,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from .tables import (COLUMNS, _fmt, blind_markdown, csv_table, is_blind, is_few_shot, markdown_table, mean_rows,
-                     partial_markdown, plan_status, setting_label, setting_matrix, setting_of, shots_markdown,
-                     shots_matrix, stop_note, training_share_note, with_setting_columns)
+                     partial_markdown, plan_status, setting_grid, setting_label, setting_matrix, setting_metrics,
+                     setting_of, shots_markdown, shots_matrix, stop_note, training_share_note, with_mad,
+                     with_setting_columns)
 
 __all__ = ["build_report", "render_html", "META_FILE", "REPORT_FILE"]
 
@@ -39,7 +40,8 @@ SHOTS_FILE = "few_shot.png"
 MAX_EXAMPLES = 8
 
 # mean-table columns where the best value is highlighted, and which way is better
-BETTER = {"image_auroc": max, "pixel_auroc": max, "aupro": max, "image_f1_max": max, "pixel_f1_max": max,
+BETTER = {"image_auroc": max, "pixel_auroc": max, "aupro": max, "image_ap": max, "pixel_ap": max,
+          "image_f1_max": max, "pixel_f1_max": max, "mad": max,
           "latency_ms": min, "throughput_ips": max, "fit_s": min, "peak_rss_mb": min, "model_mb": min}
 
 CSS = """
@@ -63,14 +65,14 @@ img{max-width:100%;height:auto;border:1px solid #e3e7ec}
 
 # -- inputs -------------------------------------------------------------------------------------
 def _records(out: Path, meta: dict | None = None) -> list[dict]:
-    """The rows of ``results.jsonl``, one per cell (the last), in grid order: models as the run
+    """The rows of ``results.jsonl``, one per cell and category (the last), in grid order: models as the run
     listed them, then categories, then seeds (cells run in parallel finish in any order)."""
     from ..engine.record import read_results
 
     rows = [r for r in read_results(out) if r.get("model")]
     last: dict[Any, dict] = {}
-    for i, r in enumerate(rows):  # rows of old files without keys are all kept
-        last[r.get("cell_key") or ("row", i)] = r
+    for i, r in enumerate(rows):  # rows of old files without keys are all kept; a multi-class cell has one
+        last[(r["cell_key"], r.get("category")) if r.get("cell_key") else ("row", i)] = r  # row per category
     rows = list(last.values())
     meta = meta or {}
     models = list(dict.fromkeys(list(meta.get("models") or []) + [str(r["model"]) for r in rows]))
@@ -153,8 +155,10 @@ def _examples(recs: list[dict], arts: dict[int, dict]) -> list[dict]:
                   ((float(maps.min()), float(maps.max())) if maps is not None else (None, None)))
         dtype = str(a["defect_types"][k]) if "defect_types" in a else ""
         score = float(a["example_scores"][k]) if "example_scores" in a else float("nan")
+        words = str(a["explanations"][k]) if "explanations" in a and k < len(a["explanations"]) else None
         return {"image": a["images"][k], "mask": a["masks"][k], "map": None if maps is None else maps[k],
-                "vmin": lo, "vmax": hi, "threshold": thr, "title": f"{r.get('category') or ''}\n{dtype}\nscore {score:.3g}"}
+                "vmin": lo, "vmax": hi, "threshold": thr, "title": f"{r.get('category') or ''}\n{dtype}\nscore {score:.3g}",
+                "explanation": words}
 
     def kinds(a: dict) -> tuple[list[int], list[int]]:
         n = len(a["images"])
@@ -256,9 +260,32 @@ def _header(records: list[dict], meta: dict) -> str:
     return f'<table class="meta">{body}</table>'
 
 
+def _setting_tables(records: list[dict]) -> list[str]:
+    """One HTML table per metric of :func:`~.tables.setting_metrics`: method x setting."""
+    records = with_mad(records)
+    out = []
+    for metric, title in setting_metrics(records):
+        header, rows = setting_grid(records, metric)
+        head = "".join(f"<th>{_e(t)}</th>" for t in header)
+        body = ["<tr>" + f"<td>{_e(cells[0])}</td>" + "".join(f'<td class="num">{_e(c)}</td>' for c in cells[1:])
+                + "</tr>" for cells in rows]
+        out.append(f"<h3>{_e(title)}</h3><table class=\"blind\"><thead><tr>{head}</tr></thead>"
+                   f"<tbody>{''.join(body)}</tbody></table>")
+    return out
+
+
 def _blind_section(records: list[dict], figure: Path | None) -> str:
     """The blind-setting tables (method x setting/contamination, mean over categories) and the
     degradation figure."""
+    settings = {setting_of(r)[0] for r in records}
+    if "multi-class" in settings and not settings & {"blind-mix", "blind-test", "blind-ano"}:
+        parts = ["<h2>One model for every category: one-class against multi-class</h2>",
+                 '<p class="note"><b>one-class</b>: one model per category; <b>multi-class</b>: one model learns the '
+                 "union of the categories' training images and is evaluated on each category's test set. Mean over "
+                 "categories (each category weighs the same), in percent; <b>multi-class change</b>: multi-class minus "
+                 "one-class, in points. Image and pixel AP beside AUROC (pixel AUROC saturates, AP does not); "
+                 "<b>mAD</b>: the mean of image AUROC, AP, F1-max, pixel AUROC, AP, F1-max and AUPRO (ADer's).</p>"]
+        return "\n".join(parts + _setting_tables(records))
     parts = ["<h2>Blind setting: degradation with contamination</h2>",
              '<p class="note">Training sets mixing normal and unlabelled anomalous images (That\'s BAD, 2023). '
              "<b>mix F %</b>: train/good plus F % of the anomalous test images, evaluated on the remaining test "
@@ -269,20 +296,7 @@ def _blind_section(records: list[dict], figure: Path | None) -> str:
     note = training_share_note(records)
     if note:
         parts.append(f'<p class="note">{_e(note)}</p>')
-    for metric, title in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO")):
-        cols, rows = setting_matrix(records, metric)
-        mix = [c for c in cols if c[0] in ("one-class", "blind-mix")]
-        head = "".join(f"<th>{_e(t)}</th>" for t in ["model"] + [setting_label(*c) for c in cols]
-                       + (["mix change"] if len(mix) > 1 else []))
-        body = []
-        for row in rows:
-            cells = [f"<td>{_e(row['model'])}</td>"] + [f'<td class="num">{_e(_fmt(row[c], "pct"))}</td>' for c in cols]
-            if len(mix) > 1:
-                a, b = row[mix[0]], row[mix[-1]]
-                cells.append(f'<td class="num">{"-" if a is None or b is None else f"{100 * (b - a):+.1f}"}</td>')
-            body.append("<tr>" + "".join(cells) + "</tr>")
-        parts.append(f"<h3>{_e(title)}</h3><table class=\"blind\"><thead><tr>{head}</tr></thead>"
-                     f"<tbody>{''.join(body)}</tbody></table>")
+    parts += _setting_tables(records)
     if figure:
         parts.append(f"<figure>{_img(figure, 'AUROC against contamination')}<figcaption>Image and pixel AUROC "
                      "(mean over categories) against the share of the anomalous test images moved, unlabelled, into "
@@ -388,6 +402,12 @@ def render_html(records: list[dict], meta: dict, figures: dict) -> str:
             parts.append('<p class="note">No saved examples for this model.</p>')
         if model in figures.get("image_only", ()):
             parts.append('<p class="note">Image-level model: it makes no anomaly map, so no heatmap or mask.</p>')
+        said = figures.get("explanations", {}).get(model)
+        if said:  # the method's words on each example (VLM-AD), in the order of the pictures above
+            items = "".join(f"<li><b>{_e(' / '.join(t for t in title.split(chr(10)) if t))}</b>: {_e(text)}</li>"
+                            for title, text in said)
+            parts.append(f'<p class="note">What the model said about each image, left to right:</p>'
+                         f'<ol class="explanations">{items}</ol>')
     errors = [r for r in records if r.get("error")]
     parts.append("<h2>Errors</h2>")
     if errors:
@@ -461,6 +481,8 @@ def build_report(out_dir, meta: dict | None = None) -> Path:
         figures["roc"][model] = roc_figure(model, _roc_curves(recs, arts, seeds), figs_dir / f"roc_{slug}.png")
         examples = _examples(recs, arts)
         figures["strips"][model] = strip_figure(model, examples, figs_dir / f"examples_{slug}.png")
+        figures.setdefault("explanations", {})[model] = [(e["title"], e["explanation"]) for e in examples
+                                                         if e.get("explanation")]
         if examples and all(e["map"] is None for e in examples):
             figures["image_only"].add(model)
     path = out / REPORT_FILE

@@ -14,8 +14,11 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("image_auroc", "img AUROC", "pct"),
     ("pixel_auroc", "px AUROC", "pct"),
     ("aupro", "AUPRO", "pct"),
+    ("image_ap", "img AP", "pct"),
+    ("pixel_ap", "px AP", "pct"),
     ("image_f1_max", "img F1", "pct"),
     ("pixel_f1_max", "px F1", "pct"),
+    ("mad", "mAD", "pct"),
     ("latency_ms", "latency ms", ".1f"),
     ("throughput_ips", "img/s", ".1f"),
     ("fit_s", "fit s", ".1f"),
@@ -46,7 +49,9 @@ def with_setting_columns(cols: list[tuple[str, str, str]], records: Sequence[dic
     if not is_blind(records) or any(c[0] == "setting" for c in cols):
         return cols
     at = next((i + 1 for i, c in enumerate(cols) if c[0] == "category"), 1)
-    extra = [("setting", "setting", "s"), ("contamination", "contam. %", "pct")]
+    extra = [("setting", "setting", "s")]
+    if any(str(r.get("setting") or "").startswith("blind") for r in records):
+        extra.append(("contamination", "contam. %", "pct"))
     if any(r.get("shots") is not None for r in records):
         extra.append(("shots", "shots", "s"))
     return cols[:at] + extra + cols[at:]
@@ -64,7 +69,7 @@ def _columns(records: Sequence[dict], columns) -> list[tuple[str, str, str]]:
 
 def markdown_table(records: Iterable[dict], columns=None) -> str:
     """A Markdown table of ``records`` (percentages for fractions, '-' for missing values)."""
-    records = list(records)
+    records = with_mad(records)
     cols = _columns(records, columns)
     lines = ["| " + " | ".join(c[1] for c in cols) + " |",
              "|" + "|".join("---" if c[2] == "s" else "---:" for c in cols) + "|"]
@@ -75,7 +80,7 @@ def markdown_table(records: Iterable[dict], columns=None) -> str:
 
 def csv_table(records: Iterable[dict], columns=None) -> str:
     """The same table as CSV with raw (unformatted) values."""
-    records = list(records)
+    records = with_mad(records)
     cols = _columns(records, columns)
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -87,7 +92,26 @@ def csv_table(records: Iterable[dict], columns=None) -> str:
 
 # Numeric record fields that a mean row averages (and that MLflow logs as metrics).
 NUMERIC: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "image_ap",
-                            "pixel_ap", "latency_ms", "throughput_ips", "fit_s", "peak_rss_mb", "model_mb")
+                            "pixel_ap", "mad", "latency_ms", "throughput_ips", "fit_s", "peak_rss_mb", "model_mb")
+
+#: The seven accuracy metrics whose plain mean is ADer's mAD (Zhang et al., "ADer: A Comprehensive
+#: Benchmark for Multi-class Visual Anomaly Detection", 2024): image AUROC, AP and F1-max, pixel
+#: AUROC, AP and F1-max, and AUPRO.
+MAD_METRICS: tuple[str, ...] = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap",
+                                "pixel_f1_max", "aupro")
+
+
+def mad(record: dict) -> float | None:
+    """ADer's mAD of one record: the mean of the seven :data:`MAD_METRICS`, or None when any is
+    missing (an image-only method has no pixel metrics, so no mAD: a mean of the image metrics alone
+    would not be comparable)."""
+    vals = [_number(record.get(k)) for k in MAD_METRICS]
+    return None if any(v is None for v in vals) else sum(vals) / len(vals)
+
+
+def with_mad(records: Iterable[dict]) -> list[dict]:
+    """``records`` with their ``mad`` field filled in (copies; records that have one keep it)."""
+    return [r if r.get("mad") is not None else {**r, "mad": mad(r)} for r in records]
 
 
 def _number(value) -> float | None:
@@ -99,8 +123,12 @@ def _number(value) -> float | None:
 def mean_rows(records: Iterable[dict]) -> list[dict]:
     """One row per model and runtime (per model and data set when the records hold several): the mean of
     each numeric field over its successful cells; ``category`` says how many cells were averaged
-    (``mean of 3``, or ``-`` when none succeeded) and ``error`` holds the first error."""
-    records = list(records)
+    (``mean of 3``, or ``-`` when none succeeded) and ``error`` holds the first error.
+
+    A cell is one category (one record per category in the multi-class setting too), so every
+    category weighs the same in the mean whatever its number of test images, as ADer's mean over
+    categories; ``mad`` is the mean of the cells' mADs (:func:`mad`)."""
+    records = with_mad(records)
     several = len({r.get("data", r.get("dataset")) for r in records}) > 1
     blind = is_blind(records)  # one row per model, setting and contamination level
     groups: dict[tuple, list[dict]] = {}
@@ -170,24 +198,46 @@ def setting_matrix(records: Iterable[dict], metric: str = "image_auroc") -> tupl
     return cols, rows
 
 
+def setting_grid(records: Iterable[dict], metric: str = "image_auroc") -> tuple[list[str], list[list[str]]]:
+    """The method x setting (contamination) table of ``metric``, formatted: ``(header, rows)`` of
+    strings, percentages; with a column ``mix change`` (last blind-mix level minus the first) when
+    there are several levels, and ``multi-class change`` (multi-class minus one-class, each the mean
+    over the categories) when both settings are present. Shared by ``results.md`` and the report."""
+    cols, rows = setting_matrix(records, metric)
+    mix = [c for c in cols if c[0] in ("one-class", "blind-mix")]
+    pair = [c for c in cols if c[0] in ("one-class", "multi-class")]
+    deltas = [(t, g) for t, g in (("mix change", mix), ("multi-class change", pair)) if len(g) > 1 and
+              (t == "mix change" or len(g) == 2)]
+    header = ["model"] + [setting_label(*c) for c in cols] + [t for t, _ in deltas]
+    out = []
+    for row in rows:
+        cells = [str(row["model"])] + [_fmt(row[c], "pct") for c in cols]
+        for _, group in deltas:
+            a, b = row[group[0]], row[group[-1]]
+            cells.append("-" if a is None or b is None else f"{100 * (b - a):+.1f}")
+        out.append(cells)
+    return header, out
+
+
 def setting_table(records: Iterable[dict], metric: str = "image_auroc") -> str:
-    """The method x setting (contamination) table of ``metric`` in Markdown, percentages; with a
-    last column ``change`` (last blind-mix level minus the first) when there are several levels.
-    Empty string when no record is blind."""
+    """:func:`setting_grid` in Markdown; empty string when every record is one-class."""
     records = list(records)
     if not is_blind(records):
         return ""
-    cols, rows = setting_matrix(records, metric)
-    mix = [c for c in cols if c[0] in ("one-class", "blind-mix")]
-    head = ["model"] + [setting_label(*c) for c in cols] + (["mix change"] if len(mix) > 1 else [])
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for row in rows:
-        cells = [str(row["model"])] + [_fmt(row[c], "pct") for c in cols]
-        if len(mix) > 1:
-            a, b = row[mix[0]], row[mix[-1]]
-            cells.append("-" if a is None or b is None else f"{100 * (b - a):+.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
+    header, rows = setting_grid(records, metric)
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
+
+
+def setting_metrics(records: Iterable[dict]) -> list[tuple[str, str]]:
+    """``(metric, title)`` of the settings tables: image/pixel AUROC and AUPRO, and with a
+    multi-class setting also image/pixel AP and mAD (what multi-class benchmarks report: pixel AUROC
+    saturates, AP does not)."""
+    metrics = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO")]
+    if any(setting_of(r)[0] == "multi-class" for r in records):
+        metrics += [("image_ap", "image AP"), ("pixel_ap", "pixel AP"), ("mad", "mAD")]
+    return metrics
 
 
 def training_share_note(records: Iterable[dict]) -> str:
@@ -209,7 +259,8 @@ def blind_markdown(records: Iterable[dict]) -> str:
     blind_only = all(setting_of(r)[0] in ("one-class", "blind-mix", "blind-test", "blind-ano") for r in records)
     title = "# Blind setting" if blind_only else "# Learning settings"
     parts = [f"{title}: mean over categories (percent)"] + [n for n in [training_share_note(records)] if n]
-    for metric, title in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO")):
+    records = with_mad(records)
+    for metric, title in setting_metrics(records):
         parts.append(f"## {title}\n\n{setting_table(records, metric)}")
     return "\n\n".join(parts) + "\n"
 

@@ -5,7 +5,8 @@
 >>> # run it with uvicorn, or: defectscope serve models/washer --port 8000
 
 See :mod:`defectscope.serve.app` (endpoints, errors) and :mod:`defectscope.serve.batching`
-(micro-batching, the bounded queue). The package imports FastAPI only when these names are used.
+(micro-batching, the bounded queue), and :mod:`defectscope.serve.ray_backend` for ``--backend ray``
+(the same app on Ray Serve, N replicas). The package imports FastAPI only when these names are used.
 """
 
 from __future__ import annotations

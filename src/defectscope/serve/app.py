@@ -5,8 +5,9 @@ Endpoints (``/docs`` documents them, served offline):
 * ``POST /v1/models/{name}/predict``: one image, as a multipart upload (field ``file``) or as the
   raw bytes of the file (``Content-Type: image/*`` or ``application/octet-stream``). Answers the
   raw score, the normalised score (0.5 = the calibrated threshold), the verdict, the threshold,
-  the model's checksum, and on request (``?heatmap=1&overlay=1&mask=1``) the pictures as
-  base64 PNG.
+  the model's checksum, the method's ``explanation`` (VLM-AD's answer; null for the others; an
+  image the method failed on: score null, verdict ``error`` and ``error``), and on request
+  (``?heatmap=1&overlay=1&mask=1``) the pictures as base64 PNG.
 * ``POST /v1/models/{name}/predict:batch``: several images in one multipart request; one result
   per file, in order (a file that cannot be read gets ``error`` and the others are scored).
 * ``GET /v1/models`` (and ``/v1/models/{name}``): method, input, calibration, checksum, state.
@@ -513,9 +514,13 @@ def create_app(models, config: Optional[ServeConfig] = None, **options) -> FastA
 
         inf = slot.inferencer
         out = {"model": slot.name, "method": slot.info["method"], "model_version": slot.info["model_version"],
-               "checksum": slot.info["checksum"], "filename": name, "score": r.score, "normalized": r.normalized,
-               "verdict": r.verdict or None, "defect": r.defect, "threshold": slot.info["threshold"],
-               "input_size": list(size)}
+               "checksum": slot.info["checksum"], "filename": name,
+               "score": r.score if r.score == r.score else None,  # NaN (the method failed on it) is not JSON
+               "normalized": r.normalized, "verdict": r.verdict or None, "defect": r.defect,
+               "threshold": slot.info["threshold"], "input_size": list(size),
+               "explanation": r.explanation}  # the method's words (VLM-AD); null for methods that do not explain
+        if r.error is not None:  # the method failed on this image alone (VLM-AD: the server's error)
+            out["error"] = r.error
         if not (heatmap or overlay or mask):
             return out
         amap = r.anomaly_map

@@ -1,1 +1,3 @@
-"""Feature-adaptation methods (DFM's successors: CFA, ReConPatch, SuperSimpleNet): planned, none registered yet."""
+"""Feature-adaptation methods: frozen ImageNet features adapted to the target domain (CFA's coupled
+hyperspheres, ReConPatch's contrastive projection, SuperSimpleNet's adaptor trained on feature-space
+noise, also supervised with a few labelled defects)."""

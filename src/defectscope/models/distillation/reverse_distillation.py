@@ -54,7 +54,8 @@ from ..base import Prediction, register
 from ..cost import Cost
 from ..params import Param, Tags
 
-__all__ = ["ReverseDistillation", "OneClassBottleneck", "Decoder", "rd_loss", "rd_level_maps"]
+__all__ = ["ReverseDistillation", "OneClassBottleneck", "Decoder", "rd_loss", "rd_level_maps", "encoder_channels",
+           "signed_features", "check_code_size"]
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
@@ -73,14 +74,17 @@ class OneClassBottleneck(nn.Module):
     """OCBE: multi-scale feature fusion of ``[f1, f2, f3]`` + the one-class embedding block.
 
     ``channels`` = (C1, C2, C3) of the encoder's layers (strides 4/8/16); output ``[B, 2 C3, H/32, W/32]``.
+    ``block``: the residual block of the OCE, called ``block(c_in, c_out, stride, downsample)``
+    (ResNet's BasicBlock here; UniNet's attention block).
     """
 
-    def __init__(self, channels: tuple[int, int, int], blocks: int = 2) -> None:
+    def __init__(self, channels: tuple[int, int, int], blocks: int = 2,
+                 block: type[nn.Module] = BasicBlock) -> None:
         super().__init__()
         c1, c2, c3 = channels
         self.fuse1 = nn.Sequential(_conv_bn_relu(c1, c2), _conv_bn_relu(c2, c3))
         self.fuse2 = _conv_bn_relu(c2, c3)
-        self.oce = _stage(BasicBlock, 3 * c3, 2 * c3, blocks, stride=2)
+        self.oce = _stage(block, 3 * c3, 2 * c3, blocks, stride=2)
         _init(self)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:  # noqa: D102
@@ -168,6 +172,31 @@ def rd_loss(enc: list[torch.Tensor], dec: list[torch.Tensor], cosine: str = "pos
     raise DefectscopeError(f"reverse_distillation: cosine must be 'position' or 'flat', got {cosine!r}")
 
 
+def encoder_channels(model) -> tuple[int, int, int]:
+    """(C1, C2, C3) of the 3 encoder layers of ``model`` (a built backbone model), checked to have
+    strides s, 2s, 4s (what the bottleneck and the decoder mirror)."""
+    layers = model.layers
+    if len(layers) != 3:
+        raise DefectscopeError(f"{model.name}: needs exactly 3 encoder layers (strides 4/8/16), got {layers}")
+    strides = [model.backbone.strides[l] for l in layers]
+    if strides[1] != 2 * strides[0] or strides[2] != 2 * strides[1]:
+        raise DefectscopeError(f"{model.name}: the encoder layers must have strides s, 2s, 4s; "
+                               f"{layers} have strides {strides}")
+    return tuple(model.backbone.channels[l] for l in layers)
+
+
+def signed_features(backbone: str) -> bool:
+    """Whether the encoder's tapped features can be negative (all but ResNet's post-ReLU stages)."""
+    return get_spec(backbone).family != "resnet"
+
+
+def check_code_size(model) -> None:
+    """The input side must be a multiple of the code's stride (2x the deepest layer's)."""
+    stride = 2 * model.backbone.strides[model.layers[-1]]
+    if model.image_size % stride:
+        raise DefectscopeError(f"{model.name}: image_size must be a multiple of {stride}, got {model.image_size}")
+
+
 @register
 class ReverseDistillation(BackboneModel):
     """Reverse Distillation (Deng & Li, CVPR 2022): encoder -> OCBE -> student decoder."""
@@ -203,18 +232,10 @@ class ReverseDistillation(BackboneModel):
     smoke = {"image_size": 64, "epochs": 1, "batch_size": 4, "blocks": 1}
 
     def _channels(self) -> tuple[int, int, int]:
-        layers = self.layers
-        if len(layers) != 3:
-            raise DefectscopeError(f"{self.name}: needs exactly 3 encoder layers (strides 4/8/16), got {layers}")
-        strides = [self.backbone.strides[l] for l in layers]
-        if strides[1] != 2 * strides[0] or strides[2] != 2 * strides[1]:
-            raise DefectscopeError(f"{self.name}: the encoder layers must have strides s, 2s, 4s; "
-                                   f"{layers} have strides {strides}")
-        return tuple(self.backbone.channels[l] for l in layers)
+        return encoder_channels(self)
 
     def _signed(self) -> bool:
-        """Whether the encoder's tapped features can be negative (all but ResNet's post-ReLU stages)."""
-        return get_spec(self.params["backbone"]).family != "resnet"
+        return signed_features(self.params["backbone"])
 
     def _build(self, pretrained: bool = True) -> None:
         self.build_backbone(pretrained)  # the frozen teacher encoder
@@ -224,9 +245,7 @@ class ReverseDistillation(BackboneModel):
         self._cache = InferenceCache()
 
     def _check_size(self) -> None:
-        stride = 2 * self.backbone.strides[self.layers[-1]]
-        if self.image_size % stride:
-            raise DefectscopeError(f"{self.name}: image_size must be a multiple of {stride}, got {self.image_size}")
+        check_code_size(self)
 
     def forward_features(self, images: torch.Tensor, fast: bool = False) -> tuple[list, list]:
         """Encoder features ``[f1, f2, f3]`` and the decoder's reconstructions of them (``fast``:

@@ -164,8 +164,14 @@ class PatchCore(BackboneModel):
             batches = ray_feature_batches(self, dataset, self.params["batch_size"], self.params["ray_address"])
         else:
             batches = self._feature_batches(dataset)
-        self.memory_bank = build_memory_bank(
-            batches, len(dataset), self.params["batch_size"], ratio=self.params["coreset_ratio"],
+        self.memory_bank = self.bank_from(batches, len(dataset))
+
+    def bank_from(self, batches, num_images: int) -> torch.Tensor:
+        """The memory bank of the patch features ``batches`` yields (``[B * h * w, D]`` per batch of
+        ``batch_size`` images, ``num_images`` in all), subsampled with this model's coreset
+        parameters (:func:`build_memory_bank`); ReConPatch builds its bank of adapted features here."""
+        return build_memory_bank(
+            batches, num_images, self.params["batch_size"], ratio=self.params["coreset_ratio"],
             method=self.params["coreset_method"], projection_dim=self.params["projection_dim"], seed=self.params["seed"],
             chunk=self.params["coreset_chunk"], oversample=self.params["coreset_oversample"])
 
