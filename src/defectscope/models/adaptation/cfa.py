@@ -171,13 +171,9 @@ class Cfa(BackboneModel):
     # (as PatchCore): exported for batch 1
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=True, pixel_level=True,
                 weights="backbone", export="batch-1", input="rgb")
-    # benchmarks/costs.py ran under a load average of 12-16 on the 2 cores (predict 3.25 s, epoch 1.97 s:
-    # unusable); these are the single-thread CPU times of predict / an epoch (fits of 1 and 3 epochs on 32
-    # images, 256 px) scaled by STFPM's ratio of its declared quiet-machine cost to its own CPU times
-    # measured alongside (0.73 predict, 0.77 epoch). Re-run benchmarks/costs.py on a quiet machine.
-    cost = Cost(predict=0.106, fit=0.02, epoch=0.147, passes="epochs",
-                measured="CPU time scaled by STFPM's declared cost (loaded machine), synthetic:washer 256 px, "
-                         "2026-12-02")
+    # python benchmarks/costs.py --models cfa (quiet machine, 2 threads)
+    cost = Cost(predict=0.0753, fit=0.0753, epoch=0.117, passes="epochs",
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 32, "epochs": 1, "batch_size": 4}
 
     def _build(self, pretrained: bool = True) -> None:

@@ -267,10 +267,8 @@ class ReConPatch(PatchCore):
     # export: PatchCore's blocked k-NN bakes the batch size into the graph
     tags = Tags(settings={"one-class", "multi-class", "few-shot"}, trains=True, pixel_level=True,
                 weights="backbone", export="batch-1", input="rgb")
-    cost = Cost(predict=0.08, fit=0.09, epoch=0.03, passes="epochs",
-                measured="not measured: PatchCore's fit/predict plus ~2 contrastive steps (1024 patches / 512) "
-                         "per image-epoch; benchmarks/reconpatch_vs_patchcore.py under load 10-16 agrees "
-                         "within 2x; re-run benchmarks/costs.py --models reconpatch on a quiet machine")
+    cost = Cost(predict=0.0351, fit=0.0336, epoch=0.0267, passes="epochs",
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 32, "batch_size": 8, "epochs": 1, "patch_batch": 64}
 
     def _build(self, pretrained: bool = True) -> None:

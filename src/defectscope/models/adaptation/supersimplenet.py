@@ -255,13 +255,9 @@ class SuperSimpleNet(BackboneModel):
     )
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=True, pixel_level=True,
                 weights="backbone", export="dynamic", input="rgb", supervised=True)
-    # Estimated, not measured by benchmarks/costs.py (the machine was shared, load average 12-16): a 64 px
-    # fit (16 images x 5 epochs, 1 thread, 10.4 s) scaled by the area to 256 px and halved for 2 threads;
-    # the 5x5 convolution of the classification head on the 64 x 64 grid of the doubled batch dominates
-    # (about 24 GFLOP per image and epoch). Predict: about 5.5 GFLOP per image at 256 px (2.7 s measured
-    # at batch 1 under that load). Re-run `python benchmarks/costs.py --models supersimplenet` when quiet.
-    cost = Cost(predict=0.3, fit=0.03, epoch=1.2, passes="epochs",
-                measured="estimate from a 64 px fit scaled to 256 px, 2026-12-02, loaded machine")
+    # python benchmarks/costs.py --models supersimplenet (quiet machine, 2 threads)
+    cost = Cost(predict=0.0514, fit=0.0643, epoch=0.323, passes="epochs",
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 64, "epochs": 1, "batch_size": 4, "hidden_dim": 64}
 
     def paper_layers(self, spec) -> tuple[str, ...]:

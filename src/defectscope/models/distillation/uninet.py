@@ -263,11 +263,10 @@ class UniNet(BackboneModel):
     )
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=True, pixel_level=True,
                 weights="backbone", export="dynamic", input="rgb")
-    # Not from benchmarks/costs.py (the machine was loaded, load average ~15 on 2 cores): single-thread
-    # CPU time at 256 px, 5.4 s per AdamW step of 8 images and 75 ms per batch-1 prediction, scaled to
-    # 2 threads (x0.6). The one-class schedule; multi-class counts 5000 steps instead (~0.4 s x 8 each).
-    cost = Cost(predict=0.045, fit=0.005, epoch=0.40, passes="epochs",
-                measured="single-thread CPU time scaled to 2 threads, synthetic 256 px, 2026-12-02, loaded machine")
+    # python benchmarks/costs.py --models uninet (quiet machine, 2 threads; the one-class schedule; the
+    # multi-class one counts 5000 steps instead)
+    cost = Cost(predict=0.0362, epoch=0.37, passes="epochs",
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, quiet machine")
     smoke = {"image_size": 64, "epochs": 1, "steps": 2, "batch_size": 4, "blocks": 1, "bottleneck_blocks": 1}
 
     def _channels(self) -> tuple[int, int, int]:
