@@ -63,7 +63,9 @@ from .vit_weights import (
     _file_kind,
     _read_pickle,
     cached_hub_file,
+    check_known,
     check_hf_config,
+    fuse_qkv,
     hf_hub_cache,
     hub_repo_dir,
     hub_target_dir,
@@ -292,14 +294,8 @@ def split_clip_state(state: dict[str, torch.Tensor], path: Path | str) -> tuple[
             pieces.setdefault(fused, {})[part] = tensor
         else:
             text[new] = tensor
-    if unknown:
-        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
-        raise WeightsFileError(f"weights file {path} ({fmt} naming) has text-tower keys defectscope does not know: "
-                               f"{', '.join(unknown[:3])}{more}")
-    for fused, parts in pieces.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise WeightsFileError(f"weights file {path}: {fused} has only the {'/'.join(sorted(parts))} projection(s)")
-        text[fused] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    check_known(path, fmt, unknown, "text-tower keys")
+    fuse_qkv(path, pieces, text)
     if not text:
         raise WeightsFileError(f"weights file {path} holds no text tower (an image tower only?): WinCLIP needs a whole "
                                "CLIP checkpoint (open_clip or Hugging Face CLIPModel)")

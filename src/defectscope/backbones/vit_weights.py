@@ -371,6 +371,23 @@ FORMAT_NAMES = {_OPEN_CLIP: "open_clip", _HF_CLIP: "Hugging Face CLIP", _HF_DINO
                 _TIMM: "timm/Meta"}
 
 
+def check_known(path, naming: str, unknown: list[str], what: str = "keys") -> None:
+    """The one-line error for checkpoint keys no renaming table knows (the first three named)."""
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise WeightsFileError(f"weights file {path} ({naming} naming) has {what} defectscope does not know: "
+                               f"{', '.join(unknown[:3])}{more}")
+
+
+def fuse_qkv(path, pieces: dict[str, dict[str, torch.Tensor]], out: dict[str, torch.Tensor]) -> None:
+    """Concatenate separate q/k/v projections (Hugging Face naming) into the fused ``qkv`` tensors
+    of ``out``; one line naming the layer when a projection is missing."""
+    for fused, parts in pieces.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise WeightsFileError(f"weights file {path}: {fused} has only the {'/'.join(sorted(parts))} projection(s)")
+        out[fused] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+
+
 def to_internal(state: Mapping[str, torch.Tensor], path: Path | str = "<state dict>") -> tuple[dict[str, torch.Tensor], str]:
     """Rename a checkpoint in any supported naming onto the network's (timm) names.
 
@@ -408,14 +425,8 @@ def to_internal(state: Mapping[str, torch.Tensor], path: Path | str = "<state di
             pieces.setdefault(fused, {})[part] = tensor
         else:
             out[new] = tensor
-    if unknown:
-        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
-        raise WeightsFileError(f"weights file {path} ({FORMAT_NAMES[fmt]} naming) has keys defectscope does not "
-                               f"know: {', '.join(unknown[:3])}{more}")
-    for fused, parts in pieces.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise WeightsFileError(f"weights file {path}: {fused} has only the {'/'.join(sorted(parts))} projection(s)")
-        out[fused] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    check_known(path, FORMAT_NAMES[fmt], unknown)
+    fuse_qkv(path, pieces, out)
     if "cls_token" in out:
         out["cls_token"] = out["cls_token"].reshape(1, 1, -1)
     pos = out.get("pos_embed")
