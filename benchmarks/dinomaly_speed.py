@@ -100,10 +100,11 @@ def train(xb, it):
 n_trainable = sum(p.numel() for p in m.trainable_parameters())
 """
 
-_REF = _HEAD + """
+# anomalib's side, defining infer / train / n_trainable; its encoder name is in sys.argv[REF_ARG]
+_REF_SIDE = """
 from anomalib.models.image.dinomaly.lightning_model import Dinomaly, TRAINING_CONFIG
 from anomalib.models.image.dinomaly.components import StableAdamW
-lm = Dinomaly(encoder_name=sys.argv[7])
+lm = Dinomaly(encoder_name=sys.argv[REF_ARG])
 m = lm.model
 opt = StableAdamW(lm.trainable_modules.parameters(), **TRAINING_CONFIG["optimizer"])
 m.eval()
@@ -121,6 +122,8 @@ def train(xb, it):
     return loss.item()
 n_trainable = sum(p.numel() for p in lm.trainable_modules.parameters())
 """
+
+_REF = _HEAD + _REF_SIDE.replace("REF_ARG", "7")
 
 _TAIL = """
 x = torch.rand(1, 3, size, size)
@@ -148,28 +151,13 @@ print(json.dumps({"latency_ms": statistics.median(times) * 1000, "latencies_ms":
 _INTERLEAVED = _HEAD + """
 import os
 from defectscope.models import create_model
-from anomalib.models.image.dinomaly.lightning_model import Dinomaly, TRAINING_CONFIG
-from anomalib.models.image.dinomaly.components import StableAdamW as RefStableAdamW
 ours = create_model("dinomaly", encoder=sys.argv[7], weights=weights, image_size=size, crop_size=None, batch_size=batch)
 ours._build()
 ours.fitted = True
 ours.eval()
 ours_opt = ours.make_optimizer()
-lm = Dinomaly(encoder_name=sys.argv[8])
-ref = lm.model.eval()
-ref_opt = RefStableAdamW(lm.trainable_modules.parameters(), **TRAINING_CONFIG["optimizer"])
-def ref_infer(x):
-    with torch.no_grad():
-        return ref(x)
-def ref_train(xb, it):
-    ref.train()
-    loss = ref(xb, global_step=it)
-    ref_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(lm.trainable_modules.parameters(), max_norm=0.1)
-    ref_opt.step()
-    ref.eval()
-    return loss.item()
+""" + _REF_SIDE.replace("REF_ARG", "8") + """
+ref_infer, ref_train = infer, train
 sides = {"defectscope": (ours.predict, lambda xb, it: ours.train_step(xb, it, ours_opt)),
          "anomalib": (ref_infer, ref_train)}
 x = torch.rand(1, 3, size, size)
