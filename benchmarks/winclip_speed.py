@@ -103,31 +103,6 @@ for line in sys.stdin:
 """
 
 
-def to_open_clip(image, text) -> dict:
-    """defectscope's CLIP towers as an open_clip state dict (what ``CLIP.state_dict()`` holds)."""
-    out = {}
-    net = image.network
-    out["visual.conv1.weight"] = net.patch_embed.proj.weight
-    out["visual.class_embedding"] = net.cls_token.reshape(-1)
-    out["visual.positional_embedding"] = net.pos_embed.reshape(net.pos_embed.shape[1], -1)
-    out["visual.proj"] = image.proj
-    for a, b in (("ln_pre", net.norm_pre), ("ln_post", net.norm)):
-        out[f"visual.{a}.weight"], out[f"visual.{a}.bias"] = b.weight, b.bias
-    for prefix, blocks in (("visual.transformer", net.blocks), ("transformer", text.blocks)):
-        for i, blk in enumerate(blocks):
-            p = f"{prefix}.resblocks.{i}."
-            for a, b in (("ln_1", blk.norm1), ("ln_2", blk.norm2), ("attn.out_proj", blk.attn.proj),
-                         ("mlp.c_fc", blk.mlp.fc1), ("mlp.c_proj", blk.mlp.fc2)):
-                out[p + a + ".weight"], out[p + a + ".bias"] = b.weight, b.bias
-            out[p + "attn.in_proj_weight"], out[p + "attn.in_proj_bias"] = blk.attn.qkv.weight, blk.attn.qkv.bias
-    out["token_embedding.weight"] = text.token_embedding.weight
-    out["positional_embedding"] = text.positional_embedding
-    out["ln_final.weight"], out["ln_final.bias"] = text.ln_final.weight, text.ln_final.bias
-    out["text_projection"] = text.text_projection
-    out["logit_scale"] = torch.tensor(4.6052)
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
-
-
 class Reference:
     """anomalib's WinClipModel in the reference venv, answering one JSON command a line."""
 
@@ -167,7 +142,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from defectscope.backbones.clip import get_clip_spec, random_clip
+    from defectscope.backbones.clip import get_clip_spec, open_clip_state, random_clip
     from defectscope.models import FitContext, create_model
     from defectscope.models.foundation.winclip import prompt_ensemble
     from defectscope.backbones.clip_text import read_vocab
@@ -185,7 +160,7 @@ def main() -> int:
         torch.manual_seed(0)
         spec = get_clip_spec(args.clip_model)
         image, text = random_clip(spec)
-        save_file(to_open_clip(image, text), str(tmp / "open_clip_model.safetensors"))
+        save_file(open_clip_state(image, text), str(tmp / "open_clip_model.safetensors"))
         del image, text
         gen = torch.Generator().manual_seed(1)
         refs = torch.rand(args.shots, 3, size, size, generator=gen)

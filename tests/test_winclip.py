@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from defectscope.backbones.clip import get_clip_spec, load_clip, random_clip, resolve_clip_weights
+from defectscope.backbones.clip import get_clip_spec, load_clip, open_clip_state, random_clip, resolve_clip_weights
 from defectscope.backbones.clip_text import CLIPTokenizer, bytes_to_unicode, read_vocab
 from defectscope.errors import WeightsNotFoundError
 from defectscope.models import FitContext, create_model, load_model
@@ -120,37 +120,12 @@ def stand_in(tmp_path_factory):
     hf.save_pretrained(hf_dir, safe_serialization=True)
     # the same tensors in open_clip's naming
     image, text, _ = load_clip(spec, hf_dir / "model.safetensors")
-    state = _to_open_clip(image, text)
+    state = open_clip_state(image, text)
     from safetensors.torch import save_file
 
     save_file(state, str(gz_dir / "open_clip_model.safetensors"))
     return {"root": root, "hf_dir": hf_dir, "oc_dir": gz_dir, "hf": hf, "tokenizer": tokenizer, "merges": merges,
             "transformers": transformers}
-
-
-def _to_open_clip(image, text) -> dict:
-    """Our towers' tensors renamed into open_clip's naming (the inverse of the loader's table)."""
-    out = {}
-    net = image.network
-    out["visual.conv1.weight"] = net.patch_embed.proj.weight
-    out["visual.class_embedding"] = net.cls_token.reshape(-1)
-    out["visual.positional_embedding"] = net.pos_embed.reshape(net.pos_embed.shape[1], -1)
-    out["visual.proj"] = image.proj
-    for a, b in (("ln_pre", net.norm_pre), ("ln_post", net.norm)):
-        out[f"visual.{a}.weight"], out[f"visual.{a}.bias"] = b.weight, b.bias
-    for prefix, blocks in (("visual.transformer", net.blocks), ("transformer", text.blocks)):
-        for i, blk in enumerate(blocks):
-            p = f"{prefix}.resblocks.{i}."
-            for a, b in (("ln_1", blk.norm1), ("ln_2", blk.norm2), ("attn.out_proj", blk.attn.proj),
-                         ("mlp.c_fc", blk.mlp.fc1), ("mlp.c_proj", blk.mlp.fc2)):
-                out[p + a + ".weight"], out[p + a + ".bias"] = b.weight, b.bias
-            out[p + "attn.in_proj_weight"], out[p + "attn.in_proj_bias"] = blk.attn.qkv.weight, blk.attn.qkv.bias
-    out["token_embedding.weight"] = text.token_embedding.weight
-    out["positional_embedding"] = text.positional_embedding
-    out["ln_final.weight"], out["ln_final.bias"] = text.ln_final.weight, text.ln_final.bias
-    out["text_projection"] = text.text_projection
-    out["logit_scale"] = torch.tensor(4.6)
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
 # --- tokenizer and towers -------------------------------------------------------------------------

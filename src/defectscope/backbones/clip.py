@@ -430,3 +430,30 @@ def load_clip(spec: CLIPSpec, path: Path, text: bool = True) -> tuple[CLIPImage,
         shapes = {k: v.shape for k, v in tower.state_dict().items()}
         copy_state(tower, text_state, shapes, what + " (text tower)")
     return image, tower, fmt
+
+
+def open_clip_state(image, text) -> dict[str, torch.Tensor]:
+    """defectscope's CLIP towers (image tower with its projection, text tower) as an open_clip state
+    dict, the inverse of the loader's renaming: what the speed comparison hands to open_clip and the
+    tests save as an open_clip file. ``logit_scale`` is ln(100), unused here."""
+    out = {}
+    net = image.network
+    out["visual.conv1.weight"] = net.patch_embed.proj.weight
+    out["visual.class_embedding"] = net.cls_token.reshape(-1)
+    out["visual.positional_embedding"] = net.pos_embed.reshape(net.pos_embed.shape[1], -1)
+    out["visual.proj"] = image.proj
+    for a, b in (("ln_pre", net.norm_pre), ("ln_post", net.norm)):
+        out[f"visual.{a}.weight"], out[f"visual.{a}.bias"] = b.weight, b.bias
+    for prefix, blocks in (("visual.transformer", net.blocks), ("transformer", text.blocks)):
+        for i, blk in enumerate(blocks):
+            p = f"{prefix}.resblocks.{i}."
+            for a, b in (("ln_1", blk.norm1), ("ln_2", blk.norm2), ("attn.out_proj", blk.attn.proj),
+                         ("mlp.c_fc", blk.mlp.fc1), ("mlp.c_proj", blk.mlp.fc2)):
+                out[p + a + ".weight"], out[p + a + ".bias"] = b.weight, b.bias
+            out[p + "attn.in_proj_weight"], out[p + "attn.in_proj_bias"] = blk.attn.qkv.weight, blk.attn.qkv.bias
+    out["token_embedding.weight"] = text.token_embedding.weight
+    out["positional_embedding"] = text.positional_embedding
+    out["ln_final.weight"], out["ln_final.bias"] = text.ln_final.weight, text.ln_final.bias
+    out["text_projection"] = text.text_projection
+    out["logit_scale"] = torch.tensor(4.6052)
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
