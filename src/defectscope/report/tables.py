@@ -206,8 +206,7 @@ def setting_grid(records: Iterable[dict], metric: str = "image_auroc") -> tuple[
     cols, rows = setting_matrix(records, metric)
     mix = [c for c in cols if c[0] in ("one-class", "blind-mix")]
     pair = [c for c in cols if c[0] in ("one-class", "multi-class")]
-    deltas = [(t, g) for t, g in (("mix change", mix), ("multi-class change", pair)) if len(g) > 1 and
-              (t == "mix change" or len(g) == 2)]
+    deltas = [(t, g) for t, g in (("mix change", mix), ("multi-class change", pair)) if len(g) > 1]
     header = ["model"] + [setting_label(*c) for c in cols] + [t for t, _ in deltas]
     out = []
     for row in rows:
