@@ -17,7 +17,11 @@ How each fit is measured (``n`` training images):
   ``epoch = (t3 - t1) / (2 n)``, ``fit = t1 / n - epoch``.
 * step parameters (EfficientAD's ``steps``, ``teacher_steps``): a base fit on 9 images (one held
   out) with every step count at ``n`` = 8, then one fit per parameter with it at 3 n; seconds per step = difference / 2 n. The
-  fit-time teacher cache goes to a temporary folder, never to the user's.
+  fit-time teacher cache goes to a temporary folder, never to the user's. ``--step-n`` and
+  ``--step-images`` change ``n`` and the image count (Dinomaly: ``--step-n 2 --step-images 17``, so
+  each step holds a full batch of 16).
+* methods whose weights cannot be had offline (Dinomaly, WinCLIP) need ``--random-weights``:
+  random weights of the same architecture, so the same arithmetic.
 Timings include image decoding and resizing, as a benchmark cell's do.
 """
 
@@ -48,16 +52,18 @@ class Subset:
         return self.ds[i]
 
 
-def timed_fit(cls, train, params: dict):
-    """Seconds of one fit of ``cls(**params)`` on ``train``, and the fitted model."""
-    model = cls(**params)
+def timed_fit(cls, train, params: dict, extra: dict | None = None):
+    """Seconds of one fit of ``cls(**params, **extra)`` on ``train``, and the fitted model."""
+    model = cls(**params, **(extra or {}))
     t0 = time.perf_counter()
     model.fit(train)
     return time.perf_counter() - t0, model
 
 
-def measure(cls, data: str, category: str) -> dict:
-    """The measured Cost figures of ``cls`` (see the module docstring)."""
+def measure(cls, data: str, category: str, extra: dict | None = None, step_n: int = 8,
+            step_images: int = 9) -> dict:
+    """The measured Cost figures of ``cls`` (see the module docstring); ``extra`` parameters are
+    passed to every fit (``pretrained=False`` for the weights that cannot be had here)."""
     from defectscope.data import load_dataset
     from defectscope.engine.evaluate import measure_speed
 
@@ -67,24 +73,24 @@ def measure(cls, data: str, category: str) -> dict:
     test = load_dataset(data, category, "test", image_size=d["image_size"], channels=d["channels"])
     out = {"fit": 0.0, "epoch": 0.0, "steps": {}}
     if cost.steps:
-        n = 8  # steps; 9 images: EfficientAD holds 1 out, so each pass is 8 steps (no rounding up)
-        train = Subset(train_all, n + 1)
+        n = step_n  # steps; 9 images: EfficientAD holds 1 out, so each pass is 8 steps (no rounding up)
+        train = Subset(train_all, max(n + 1, step_images))
         base = {name: n for name, _ in cost.steps}
-        t_base, model = timed_fit(cls, train, base)
+        t_base, model = timed_fit(cls, train, base, extra)
         for name, _ in cost.steps:
-            t, _ = timed_fit(cls, train, {**base, name: 3 * n})
+            t, _ = timed_fit(cls, train, {**base, name: 3 * n}, extra)
             out["steps"][name] = max(0.0, (t - t_base) / (2 * n))
         out["fit"] = max(0.0, t_base - sum(s * n for s in out["steps"].values())) / n
     elif cost.passes:
         n = 32
         train = Subset(train_all, n)
-        t1, model = timed_fit(cls, train, {cost.passes: 1})
-        t3, _ = timed_fit(cls, train, {cost.passes: 3})
+        t1, model = timed_fit(cls, train, {cost.passes: 1}, extra)
+        t3, _ = timed_fit(cls, train, {cost.passes: 3}, extra)
         out["epoch"] = max(0.0, (t3 - t1) / (2 * n))
         out["fit"] = max(0.0, t1 / n - out["epoch"])
     else:
         n = min(200, len(train_all))
-        t, model = timed_fit(cls, Subset(train_all, n), {})
+        t, model = timed_fit(cls, Subset(train_all, n), {}, extra)
         out["fit"] = t / n
     out["n"] = n
     speed = measure_speed(model, test[0]["image"], n_latency=15, warmup=3, throughput=False)
@@ -113,6 +119,14 @@ def main(argv=None) -> int:
     ap.add_argument("--category", default="washer")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="also write the table (markdown) here")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="time methods whose weights cannot be had offline (Dinomaly's DINOv2, WinCLIP's CLIP) "
+                         "with random weights of the same architecture (pretrained=false): the same arithmetic")
+    ap.add_argument("--step-n", type=int, default=8,
+                    help="step methods: the base step count n (the fits run n and 3n steps; default 8)")
+    ap.add_argument("--step-images", type=int, default=9,
+                    help="step methods: training images of those fits (default 9; at least the method's batch "
+                         "size, e.g. 17 for Dinomaly's batch of 16)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("DEFECTSCOPE_PROGRESS", "off")
@@ -139,15 +153,18 @@ def main(argv=None) -> int:
                 print(f"{name}: declares no cost; skipped", file=sys.stderr)
                 continue
             t0 = time.perf_counter()
-            m = measure(cls, args.data, args.category)
+            random = args.random_weights and "pretrained" in cls.param_specs
+            m = measure(cls, args.data, args.category, {"pretrained": False} if random else None,
+                        args.step_n, args.step_images)
             d = cls.defaults
             per = m["fit"] + m["epoch"] * (float(d[cls.cost.passes]) if cls.cost.passes else 0.0)
             total = per * 200 + sum(s * float(d[k]) for k, s in m["steps"].items())
             rows.append(f"| {name} | {m['n']} | {human_seconds(per)} / {human_seconds(cls.cost.fit_per_image(d))} | "
                         f"{human_seconds(m['predict'])} / {human_seconds(estimate_predict(cls, {}))} | "
                         f"{human_seconds(total)} / {human_seconds(estimate_fit(cls, {}, 200))} |")
+            rw = ", random weights of the same architecture" if random else ""
             size = f"{cls.defaults['image_size']} px" + (" gray" if cls.defaults["channels"] == 1 else "")
-            literals.append(f"{name}: cost = {literal(cls, m, f'benchmarks/costs.py, {args.data}:{args.category} {size}, {day}')}")
+            literals.append(f"{name}: cost = {literal(cls, m, f'benchmarks/costs.py, {args.data}:{args.category} {size}{rw}, {day}')}")
             print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
     text = "\n".join(rows) + "\n\n" + "\n".join(literals) + "\n"
     print()

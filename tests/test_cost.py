@@ -79,6 +79,13 @@ def test_the_plan_lists_cells_and_warns_over_an_hour(capsys):
     assert print_plan(cells, est, done=set(), jobs=2) == pytest.approx(3010)
 
 
+def test_the_plan_names_the_one_model_of_a_multi_class_run(capsys):
+    cells = [Cell("padim", "synthetic", c) for c in ("b", "a")]
+    cells.append(Cell("padim", "synthetic", None, setting="multi-class", categories=("b", "a")))
+    print_plan(cells, {c.key: 10.0 for c in cells}, done=set())
+    assert "3 cell(s): a, b, b+a (one model); ~30 s" in capsys.readouterr().out
+
+
 def test_the_eta_is_weighted_by_the_estimates_and_scaled_by_the_speed_seen(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(progress_module.time, "monotonic", lambda: now[0])

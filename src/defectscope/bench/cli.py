@@ -399,7 +399,8 @@ def print_plan(cells, estimates: dict[str, float | None], done: set[str], jobs: 
     print(f"{head}, estimated {human_seconds(total)} on the reference CPU ({REFERENCE_CPU})"
           + (f" with {jobs} jobs" if jobs > 1 else "") + (f"; no estimate for {', '.join(unknown)}" if unknown else ""))
     for model, cs in by_model.items():
-        where = sorted({c.category or ", ".join(c.categories) for c in cs})
+        where = sorted({c.category for c in cs if c.category}) + sorted(
+            {"+".join(c.categories) + " (one model)" for c in cs if not c.category})
         est = sum(estimates.get(c.key) or 0.0 for c in cs)
         print(f"  {model:<20} {len(cs)} cell(s): {', '.join(where)}; ~{human_seconds(est) if est else '?'}")
     if total > LONG_RUN_S:
