@@ -88,11 +88,14 @@ def cases(args) -> list[Case]:
         ),
         Case(
             name="uflow", ours_model="uflow", ref_model="uflow",
-            ours={"epochs": e, "batch_size": 8, "channels": 3, "patience": None},
+            ours={"epochs": e, "batch_size": 8, "channels": 3, "patience": None, "lr": args.uflow_lr},
             reference={"backbone": BACKBONE_REF, "epochs": e, "batch_size": 8},
             notes=["anomalib's UflowModel built for resnet18 with its feature-extractor factory redirected to its own "
                    "LayerNormFeatureExtractor on tf_efficientnet_lite0 blocks.1/2/4 (its backbone list is closed)",
-                   f"{e} epoch(s), batch 8 on both sides; no early stopping"],
+                   f"{e} epoch(s), batch 8 on both sides; no early stopping",
+                   f"Adam lr: anomalib's fixed 1e-3 (linear decay to 0.4 over 25000 steps); defectscope {args.uflow_lr:g} "
+                   "(--uflow-lr; its default is 1e-4, the authors' mvtec_default.yaml), linear decay to 0.4 over "
+                   "the epochs"],
         ),
     ]
 
@@ -236,6 +239,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=1, help="training epochs, both sides (default 1; the papers: "
                    "FastFlow 500, CFLOW 200, CS-Flow 240, U-Flow 200)")
     add_common_args(p, n_train=200, models="fastflow,cflow,csflow,uflow", out_name="flows.md")
+    p.add_argument("--uflow-lr", type=float, default=1e-3,
+                   help="defectscope U-Flow's Adam lr (default 1e-3, anomalib's fixed value, so both sides train "
+                        "alike; defectscope's own default is the authors' 1e-4)")
     p.add_argument("--cflow-fiber-batch", type=int, default=256, help="CFLOW fibers per step, both sides (default "
                    "256, the paper's)")
     p.add_argument("--cflow-lr", type=float, default=2e-4, help="CFLOW constant Adam lr, both sides (default 2e-4)")

@@ -213,3 +213,18 @@ def test_flows_beat_their_floor_and_round_trip(name, synth, tmp_path):
     x = torch.stack([test[i]["image"] for i in range(4)])
     a, b = model.predict(x), again.predict(x)
     assert torch.equal(a.score, b.score) and torch.equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_uflow_learns_its_layer_norm_affine_when_asked(synth, tmp_path):
+    root = synth(64)
+    train = load_dataset(f"mvtec:{root}", "washer", "train", image_size=64, channels=3)
+    model = create_model("uflow", image_size=64, epochs=2, norm_affine=True).fit(train)
+    weights = [norm.weight for norm in model.norms]
+    assert [tuple(w.shape) for w in weights] == [(24, 16, 16), (40, 8, 8), (112, 4, 4)]  # Lite0 strides 4/8/16
+    assert not torch.allclose(weights[0], torch.ones_like(weights[0]))  # trained with the flow
+    model.save(tmp_path / "uflow")
+    again = load_model(tmp_path / "uflow")
+    x = torch.stack([train[i]["image"] for i in range(2)])
+    assert torch.equal(model.predict(x).anomaly_map, again.predict(x).anomaly_map)
+    fixed = create_model("uflow", image_size=64, epochs=1).fit(train.subset(range(8)))
+    assert fixed.norms is None and not any("norms" in k for k in fixed.state_dict())

@@ -15,6 +15,7 @@ from defectscope.ops import (
     coreset_projection,
     coreset_size,
     fit_gaussian,
+    blur_operator,
     gaussian_blur,
     gaussian_kernel1d,
     greedy_coreset,
@@ -71,8 +72,13 @@ def test_kernel_size_is_anomalib_convention():
     ((2, 20, 7), 4.0),  # narrower than the kernel (radius 16): repeated mirroring
     ((1, 1, 5), 2.0),
 ])
-def test_gaussian_blur_matches_scipy(shape, sigma):
+@pytest.mark.parametrize("path", ["matmul", "conv"])
+def test_gaussian_blur_matches_scipy(shape, sigma, path, monkeypatch):
     ndimage = pytest.importorskip("scipy.ndimage")
+    import defectscope.ops.blur as blur_module
+
+    if path == "conv":  # the path of maps over MATMUL_MAX_SIDE
+        monkeypatch.setattr(blur_module, "MATMUL_MAX_SIDE", 0)
     torch.manual_seed(0)
     maps = torch.rand(shape)
     out = gaussian_blur(maps, sigma)
@@ -91,6 +97,14 @@ def test_gaussian_blur_matches_dense_loop_and_keeps_4d_shape():
         ref = _dense_blur_loop(maps[b, 0].double().numpy(), 1.5)
         np.testing.assert_allclose(out[b, 0].numpy(), ref, rtol=0, atol=1e-5)
     assert torch.equal(gaussian_blur(maps, 1.5)[:, 0], gaussian_blur(maps[:, 0], 1.5))
+
+
+def test_blur_operator_is_the_blur_of_the_identity_and_cached():
+    op = blur_operator(9, 1.5)
+    assert op is blur_operator(9, 1.5) and op.shape == (9, 9)
+    rows = torch.rand(3, 9)
+    torch.testing.assert_close(rows @ op, gaussian_blur(rows[:, None, :].expand(3, 9, 9), 1.5)[:, 0])  # blur along W
+    torch.testing.assert_close(op.sum(dim=0), torch.ones(9))  # each output is a weighted mean of the input
 
 
 def test_gaussian_blur_float64_and_zero_sigma():

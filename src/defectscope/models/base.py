@@ -37,6 +37,8 @@ maximum of the stitched map instead. The methods themselves are not aware of til
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -326,7 +328,7 @@ class AnomalyModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        for t in list(self.parameters()) + list(self.buffers()):
+        for t in itertools.chain(self.parameters(), self.buffers()):  # the first one; no list of all
             return t.device
         return torch.device("cpu")
 

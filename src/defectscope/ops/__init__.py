@@ -12,7 +12,7 @@
   learn from them (DRAEM, DSR), and the procedural dead-leaves images (imported on use).
 """
 
-from .blur import gaussian_blur, gaussian_kernel1d, upsample
+from .blur import blur_operator, gaussian_blur, gaussian_kernel1d, upsample
 from .coreset import CoresetResult, coreset_projection, coreset_size, greedy_coreset
 from .gaussian import (
     cholesky_inverse_factor,
@@ -26,6 +26,7 @@ from .knn import NearestNeighbors, faiss_available, knn
 from .pca import PCAResult, fit_pca, pca_inverse_transform, pca_transform
 
 __all__ = [
+    "blur_operator",
     "gaussian_blur",
     "gaussian_kernel1d",
     "upsample",

@@ -310,6 +310,8 @@ class UFlow(BackboneModel):
         Param("affine_clamp", "float", 2.0, "soft clamping of the affine log-scales", gt=0),
         Param("subnet_ratio", "float", 1.0, "hidden channels of the coupling subnetworks / their inputs", gt=0),
         Param("permute_soft", "bool", False, "random rotations instead of hard channel permutations"),
+        Param("norm_affine", "bool", False, "learn a per-position affine of each scale's layer norm with the flow "
+              "(the authors' CNN variant and anomalib); false = fixed norm (the paper's MS-CaiT)"),
         Param("patience", "int", 20, "early stopping after this many epochs without a lower validation loss "
               "(needs a validation set of normal images); none = never", optional=True, ge=1),
         Param("anomaly_map", "str", "likelihood", "the map (and score = its max): 1 - likelihood (the paper's "
@@ -352,15 +354,31 @@ class UFlow(BackboneModel):
         self._cache = InferenceCache()  # the frozen backbone, BatchNorm folded, channels_last
         p = self.params
         channels = [self.backbone.channels[layer] for layer in self._ordered_layers()]
+        self.norms = None
+        if p["norm_affine"]:
+            side = p["image_size"]
+            self.norms = nn.ModuleList([
+                nn.LayerNorm([c, side // self.backbone.strides[layer], side // self.backbone.strides[layer]])
+                for c, layer in zip(channels, self._ordered_layers())])
         self.flow = UFlowGraph(channels, p["flow_steps"], p["affine_clamp"], p["subnet_ratio"], p["permute_soft"])
 
     # -- features ---------------------------------------------------------------------------------
-    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Layer-normalised features, finest first: each map normalised over its ``[C, h, w]``. The
-        frozen backbone runs as its BatchNorm-folded ``channels_last`` copy (the same values up to
-        float rounding)."""
+    def raw_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's maps, finest first (its BatchNorm-folded ``channels_last`` copy: the
+        same values up to float rounding), as contiguous NCHW tensors."""
         maps = inference_backbone(self._cache, self.backbone)(images)
-        return [F.layer_norm(maps[layer].contiguous(), maps[layer].shape[1:]) for layer in self._ordered_layers()]
+        return [maps[layer].contiguous() for layer in self._ordered_layers()]
+
+    def normalise(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each map layer-normalised over its ``[C, h, w]`` (with the learnt affine when
+        ``norm_affine``)."""
+        if self.norms is not None:
+            return [norm(m) for norm, m in zip(self.norms, maps)]
+        return [F.layer_norm(m, m.shape[1:]) for m in maps]
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Layer-normalised features, finest first: what the flow reads."""
+        return self.normalise(self.raw_features(images))
 
     # -- fit / predict ----------------------------------------------------------------------------
     def _fit(self, dataset, val_dataset=None) -> None:
@@ -369,12 +387,14 @@ class UFlow(BackboneModel):
         device = auto_device(p["device"])
         self.to(device)
         val = load_images(val_dataset) if val_dataset is not None and len(val_dataset) else None
-        feats = TrainingFeatures(self.features, load_images(dataset), val, device=device,
+        feats = TrainingFeatures(self.raw_features, load_images(dataset), val, device=device,
                                  batch_size=p["batch_size"], desc=f"{self.name}: backbone features")
-        opt = torch.optim.Adam(self.flow.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        trainable = nn.ModuleList([self.flow] + ([self.norms] if self.norms is not None else []))
+        opt = torch.optim.Adam(trainable.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
         sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.4, total_iters=p["epochs"])
         self.history = train_loop(
-            self.flow, lambda idx: uflow_loss(*self.flow(feats(idx))), feats.train_index, epochs=p["epochs"],
+            trainable, lambda idx: uflow_loss(*self.flow(self.normalise(feats(idx)))), feats.train_index,
+            epochs=p["epochs"],
             optimizer=opt, batch_size=p["batch_size"], generator=gen, val_images=feats.held_out_index,
             patience=p["patience"] if val is not None else None, scheduler=sched,
             desc=f"fit {self.name}", device=device,
