@@ -29,10 +29,11 @@ What each side can run offline:
 * U-Flow: the same closed list (ResNet18 / Wide-ResNet50 / MS-CaiT); its factory is redirected to
   anomalib's own ``LayerNormFeatureExtractor`` on EfficientNet-Lite0 ``blocks.1/2/4``.
 * CS-Flow: anomalib hard-codes torchvision's EfficientNet-B5 with downloaded ImageNet weights and
-  304 channels; defectscope has no EfficientNet-B5. Unless the torchvision file is in
-  ``$TORCH_HOME/hub/checkpoints``, anomalib's side records why it cannot run;
-  ``--csflow-random-weights`` runs it with random B5 weights (timing of a different extractor:
-  its accuracy is meaningless).
+  304 channels; defectscope has no EfficientNet-B5. By default anomalib's extractor is redirected
+  to EfficientNet-Lite0 ``blocks.5`` (stride 32, 192 channels, the same weights) and its flow's
+  input nodes to 192 channels (``reference_anomalib.py --csflow-lite0``): the same extractor and
+  flow arithmetic on both sides. ``--csflow-random-weights`` runs anomalib's published B5 with
+  random weights instead (timing of a different extractor: its accuracy is meaningless).
 
 Results: ``--out`` (default ``defectscope-bench/compare/flows.md``) + a JSON of every record next
 to it; per-run JSON / arrays under ``runs/`` beside it.
@@ -80,9 +81,12 @@ def cases(args) -> list[Case]:
         Case(
             name="csflow", ours_model="csflow", ref_model="csflow",
             ours={"epochs": e, "batch_size": 16, "channels": 3},
-            reference={"epochs": e, "batch_size": 16, "random_weights": bool(args.csflow_random_weights)},
+            reference={"epochs": e, "batch_size": 16, "random_weights": bool(args.csflow_random_weights),
+                       "csflow_lite0": not args.csflow_random_weights, "backbone": BACKBONE_REF},
             notes=["anomalib hard-codes torchvision's EfficientNet-B5 (ImageNet weights downloaded, 304 channels); "
                    "defectscope uses EfficientNet-Lite0's stride-32 layer"
+                   + ("" if args.csflow_random_weights else "; anomalib's extractor redirected to the same Lite0 "
+                      "blocks.5 (192 channels, same weights) and its flow's input nodes to 192 channels")
                    + ("; anomalib ran with RANDOM B5 weights (--csflow-random-weights): its accuracy is meaningless, "
                       "and its extractor differs from defectscope's" if args.csflow_random_weights else "")],
         ),

@@ -52,7 +52,11 @@ The flows (``cflow``, ``fastflow``, ``csflow``, ``uflow``):
   with random weights (timing only).
 * CS-Flow hard-codes torchvision's EfficientNet-B5 (ImageNet weights downloaded from
   download.pytorch.org, 304 channels): it runs only with ``efficientnet_b5_lukemelas-1a07897c.pth``
-  in ``$TORCH_HOME/hub/checkpoints``, or with ``--random-weights`` (timing only).
+  in ``$TORCH_HOME/hub/checkpoints``, or with ``--random-weights`` (timing only), or with
+  ``--csflow-lite0``: its extractor redirected to ``--backbone``'s ``blocks.5`` (EfficientNet-Lite0:
+  stride 32, 192 channels, the converted ImageNet weights; the layer defectscope's CS-Flow uses) and
+  the 304 of its flow's input nodes replaced by that layer's channel count, nothing else changed:
+  the same extractor and flow arithmetic as defectscope's, so a like-for-like pair.
 
 The reconstruction models (``draem``, ``dsr``, ``ganomaly``; no backbone, each model's own
 pre-processor: resize only for DRAEM and DSR, which refuse a Normalize step, resize + ImageNet
@@ -148,6 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden-ratio", type=float, default=None, help="FastFlow: subnet hidden ratio (1.0)")
     p.add_argument("--conv3x3-only", action="store_true", help="FastFlow: 3x3 subnets only")
     p.add_argument("--cross-conv-hidden-channels", type=int, default=None, help="CS-Flow: hidden channels (1024)")
+    p.add_argument("--csflow-lite0", action="store_true",
+                   help="CS-Flow: redirect its EfficientNet-B5 extractor to --backbone's blocks.5 (stride 32) with "
+                        "the offline ImageNet weights, and its flow's 304 input channels to that layer's")
     p.add_argument("--random-weights", action="store_true",
                    help="backbone with random weights (timing only: the accuracy is meaningless); for the "
                         "backbones without offline ImageNet weights (resnet18; CS-Flow's EfficientNet-B5)")
@@ -385,6 +392,8 @@ def _csflow_backbone(args) -> str:
     ``--random-weights`` (timing only)."""
     import importlib
 
+    if args.csflow_lite0:
+        return _csflow_lite0(args)
     ckpt = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / CSFLOW_B5_FILE
     if ckpt.is_file():
         return f"torchvision EfficientNet-B5 IMAGENET1K_V1 from {ckpt}"
@@ -398,6 +407,39 @@ def _csflow_backbone(args) -> str:
 
     cm.efficientnet_b5 = lambda weights=None, **kwargs: tv_b5(weights=None, **kwargs)
     return "torchvision EfficientNet-B5 with random weights (--random-weights: timing only)"
+
+
+def _csflow_lite0(args) -> str:
+    """``--csflow-lite0``: anomalib's CS-Flow on ``args.backbone``'s ``blocks.5`` (see the module
+    docstring). Two names of its torch module are redirected before the model is built: its
+    ``TimmFeatureExtractor`` (built around ``efficientnet_b5``, read at ``features.6.8``) becomes
+    anomalib's own ``TimmFeatureExtractor`` on ``blocks.5`` answering under that key, and its
+    ``InputNode`` (called with 304 channels) gets the layer's channel count."""
+    import importlib
+
+    from torch import nn
+    from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+
+    cm = importlib.import_module("anomalib.models.image.csflow.torch_model")
+    target, tap = args.backbone, "blocks.5"
+    extractor = TimmFeatureExtractor(target, layers=[tap]).eval()
+    channels = int(extractor.out_dims[0])
+
+    class Redirected(nn.Module):
+        def __init__(self, backbone=None, layers=None, **kwargs):
+            super().__init__()
+            self.inner = TimmFeatureExtractor(target, layers=[tap]).eval()
+
+        def forward(self, x):
+            return {"features.6.8": self.inner(x)[tap]}
+
+    real_input_node = cm.InputNode
+    cm.TimmFeatureExtractor = Redirected
+    cm.efficientnet_b5 = lambda weights=None, **kwargs: None  # never built
+    cm.InputNode = lambda dims, *rest, **kwargs: real_input_node(channels, *rest, **kwargs)
+    return (f"anomalib's CsFlowModel with its extractor redirected to TimmFeatureExtractor({target}, "
+            f"layers=['{tap}']) ({channels} channels, stride 32) and its input nodes built for {channels} channels "
+            "instead of EfficientNet-B5's 304")
 
 
 def _uninet_lite0(args, layers, common):
@@ -953,6 +995,10 @@ def main(args) -> dict:
     layers = args.layers.split(",") if args.layers else DEFAULT_LAYERS.get(args.model, [])
     if args.model == "efficientad":
         record["efficientad_offline"] = prepare_efficientad_offline(args, Path(work))
+    elif args.model == "csflow" and args.csflow_lite0:
+        record["weights"] = ensure_hf_weights(args.backbone)  # before the redirect builds the extractor
+        record["backbone"] = _csflow_backbone(args)
+        args.normalize = "backbone"
     elif args.model == "csflow":
         record["backbone"] = _csflow_backbone(args)
         args.normalize = "imagenet"  # torchvision's EfficientNet-B5: ImageNet mean / std

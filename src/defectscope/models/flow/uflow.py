@@ -62,9 +62,10 @@ Deviations:
 * Backbone: MS-CaiT (CaiT-M48 at 448 px and CaiT-S24 at 224 px, strides 16 and 32) has no offline
   weights; the default is the authors' CNN variant (ResNet ``layer1..3``) on EfficientNet-Lite0's
   layers of the same strides, ``blocks.1``/``blocks.2``/``blocks.4`` (4, 8, 16; 24, 40, 112
-  channels). The layer normalisation has no learnt affine: the authors' CNN variant and anomalib
-  train one with the flow although its log-determinant is not in the loss (shrinking the features
-  then lowers the loss without bound); the paper's MS-CaiT norm is frozen.
+  channels). The layer normalisation has no learnt affine by default: the authors' CNN variant and
+  anomalib train one with the flow although its log-determinant is not in the loss (shrinking the
+  features then lowers the loss without bound); the paper's MS-CaiT norm is frozen.
+  ``norm_affine=true`` learns it as the CNN variant does.
 * Input side 256 px (the project's protocol and the CNN variant's) instead of MS-CaiT's 448; it
   must be a multiple of the coarsest stride (16).
 * Early stopping: the authors stop on the *test* set's pixel AUROC (patience 20); here the
@@ -296,7 +297,8 @@ class UFlow(BackboneModel):
         "with `--threshold nfa`; Adam lr 1e-4, wd 1e-5, linear decay to 0.4, batch 8, 200 epochs); NFA tail "
         "P(B >= k) on windows cut at the border (exact under the null; the authors' code: P(B > floor k), "
         "reflect padding); "
-        "EfficientNet-Lite0 at strides 4/8/16 (the CNN variant) instead of MS-CaiT; fixed layer norm; early "
+        "EfficientNet-Lite0 at strides 4/8/16 (the CNN variant) instead of MS-CaiT; fixed layer norm "
+        "(`norm_affine=true`: the CNN variant's learnt affine); early "
         "stopping (patience 20) on normal validation images, not the test set; 256 px; likelihood map blurred "
         "(sigma 4; `blur_sigma=0` is the paper's); backbone run as a BatchNorm-folded `channels_last` copy"
     )
