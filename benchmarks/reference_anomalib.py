@@ -412,34 +412,42 @@ def _csflow_backbone(args) -> str:
 def _csflow_lite0(args) -> str:
     """``--csflow-lite0``: anomalib's CS-Flow on ``args.backbone``'s ``blocks.5`` (see the module
     docstring). Two names of its torch module are redirected before the model is built: its
-    ``TimmFeatureExtractor`` (built around ``efficientnet_b5``, read at ``features.6.8``) becomes
-    anomalib's own ``TimmFeatureExtractor`` on ``blocks.5`` answering under that key, and its
-    ``InputNode`` (called with 304 channels) gets the layer's channel count."""
+    ``TimmFeatureExtractor`` (built around ``efficientnet_b5``, read at ``features.6.8``) becomes the
+    timm network's stem and ``blocks[:6]`` (``blocks.5`` is no ``features_only`` tap: timm taps only
+    where the stride changes), frozen, answering under that key; its ``InputNode`` (called with 304
+    channels) gets the layer's channel count."""
     import importlib
 
+    import timm
+    import torch
     from torch import nn
-    from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 
     cm = importlib.import_module("anomalib.models.image.csflow.torch_model")
-    target, tap = args.backbone, "blocks.5"
-    extractor = TimmFeatureExtractor(target, layers=[tap]).eval()
-    channels = int(extractor.out_dims[0])
+    target = args.backbone
 
     class Redirected(nn.Module):
         def __init__(self, backbone=None, layers=None, **kwargs):
             super().__init__()
-            self.inner = TimmFeatureExtractor(target, layers=[tap]).eval()
+            net = timm.create_model(target, pretrained=True)
+            self.stem = nn.Sequential(net.conv_stem, net.bn1)
+            self.blocks = net.blocks[:6]
+            for param in self.parameters():
+                param.requires_grad_(False)
+            self.eval()
 
         def forward(self, x):
-            return {"features.6.8": self.inner(x)[tap]}
+            with torch.no_grad():
+                return {"features.6.8": self.blocks(self.stem(x))}
 
+    with torch.no_grad():
+        channels = int(Redirected()(torch.zeros(1, 3, 64, 64))["features.6.8"].shape[1])
     real_input_node = cm.InputNode
     cm.TimmFeatureExtractor = Redirected
     cm.efficientnet_b5 = lambda weights=None, **kwargs: None  # never built
     cm.InputNode = lambda dims, *rest, **kwargs: real_input_node(channels, *rest, **kwargs)
-    return (f"anomalib's CsFlowModel with its extractor redirected to TimmFeatureExtractor({target}, "
-            f"layers=['{tap}']) ({channels} channels, stride 32) and its input nodes built for {channels} channels "
-            "instead of EfficientNet-B5's 304")
+    return (f"anomalib's CsFlowModel with its extractor redirected to {target}'s stem + blocks[:6] (blocks.5 out, "
+            f"{channels} channels, stride 32, frozen) and its input nodes built for {channels} channels instead of "
+            "EfficientNet-B5's 304")
 
 
 def _uninet_lite0(args, layers, common):
