@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -57,6 +55,7 @@ def measure(name: str, image_size: int | None, n_train: int, n: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from defectscope.data import load_dataset
+    from defectscope.engine.evaluate import measure_speed
     from defectscope.models import get_model_class
 
     cls = get_model_class(name)
@@ -66,18 +65,11 @@ def measure(name: str, image_size: int | None, n_train: int, n: int) -> dict:
     test = load_dataset("synthetic", "washer", "test", image_size=image_size, channels=channels)
     model = cls(**params)
     model.fit(train.subset(range(min(n_train, len(train)))))
-    x = test[0]["image"].unsqueeze(0)
+    image = test[0]["image"]
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model.predict(x)
-    gflop = fc.get_total_flops() / 1e9
-    for _ in range(2):
-        model.predict(x)
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        model.predict(x)
-        times.append(time.perf_counter() - t0)
-    return {"model": name, "params": params, "gflop": gflop, "latency_ms": statistics.median(times) * 1000}
+        model.predict(image.unsqueeze(0))
+    speed = measure_speed(model, image, n_latency=n, warmup=2, throughput=False)
+    return {"model": name, "params": params, "gflop": fc.get_total_flops() / 1e9, "latency_ms": speed["latency_ms"]}
 
 
 def main(argv=None) -> int:

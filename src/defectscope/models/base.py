@@ -38,7 +38,6 @@ maximum of the stitched map instead. The methods themselves are not aware of til
 from __future__ import annotations
 
 import itertools
-
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -376,8 +375,16 @@ class AnomalyModel(nn.Module):
         finally:
             self.train_anomalies = None  # read by _fit only: the model keeps no reference to the images
         self.fitted = True
-        self.eval()
+        self.freeze()
         return self
+
+    def freeze(self) -> "AnomalyModel":
+        """Evaluation mode with no parameter requiring a gradient: the state of a fitted model and
+        of a loaded one alike (with ``requires_grad``, ``F.linear`` takes another kernel whose last
+        bits differ, so a reloaded model would not score exactly as the one in memory). A new
+        ``fit`` rebuilds the networks, trainable again."""
+        self.requires_grad_(False)
+        return self.eval()
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:

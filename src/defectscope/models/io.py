@@ -168,7 +168,7 @@ def load_model(path, map_location: str | torch.device = "cpu") -> AnomalyModel:
     if config.get("calibration") is not None:
         model.calibration = Calibration.from_dict(config["calibration"], source=path / CONFIG)
     model.fitted = True
-    return model.eval()
+    return model.freeze()
 
 
 def _assign_state(model: AnomalyModel, tensors: dict[str, torch.Tensor], source: Path) -> None:

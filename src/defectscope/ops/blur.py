@@ -48,6 +48,13 @@ def _mirror_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
     return x.index_select(dim, pos)
 
 
+def _convolve(x: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x [N, 1, H, W]`` convolved along ``dim`` (3: W, 2: H) with the odd 1-D kernel ``k``, mirror
+    padding: the output has the input's size."""
+    shape = (1, 1, 1, -1) if dim == 3 else (1, 1, -1, 1)
+    return F.conv2d(_mirror_pad(x, k.numel() // 2, dim), k.view(shape))
+
+
 # Maps up to this side are blurred by two matrix products with a cached operator, larger ones by
 # two 1-D convolutions. Same result (the operator is the convolution applied to the identity);
 # the products run near the cores' matrix-product peak, while a one-channel convolution of the
@@ -65,10 +72,9 @@ def blur_operator(n: int, sigma: float, *, dtype=torch.float32, device=None) -> 
     key = (int(n), float(sigma), dtype, str(device))
     op = _OPERATORS.get(key)
     if op is None:
-        radius = int(4.0 * float(sigma) + 0.5)
         eye = torch.eye(n, dtype=torch.float64).reshape(n, 1, 1, n)
-        k = gaussian_kernel1d(sigma, radius, dtype=torch.float64)
-        op = F.conv2d(_mirror_pad(eye, radius, 3), k.view(1, 1, 1, -1)).reshape(n, n).to(dtype=dtype, device=device)
+        op = _convolve(eye, gaussian_kernel1d(sigma, dtype=torch.float64), 3).reshape(n, n).to(dtype=dtype,
+                                                                                              device=device)
         if len(_OPERATORS) >= 64:
             _OPERATORS.clear()
         _OPERATORS[key] = op
@@ -104,11 +110,8 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
         cols = blur_operator(h, sigma, dtype=dtype, device=x.device)
         return torch.matmul(cols.t(), torch.matmul(x, rows)).reshape(shape)
     x = maps.to(dtype).reshape(-1, 1, h, w)
-    radius = int(4.0 * float(sigma) + 0.5)
-    k = gaussian_kernel1d(sigma, radius, dtype=dtype, device=x.device)
-    x = F.conv2d(_mirror_pad(x, radius, 3), k.view(1, 1, 1, -1))
-    x = F.conv2d(_mirror_pad(x, radius, 2), k.view(1, 1, -1, 1))
-    return x.reshape(shape)
+    k = gaussian_kernel1d(sigma, dtype=dtype, device=x.device)
+    return _convolve(_convolve(x, k, 3), k, 2).reshape(shape)
 
 
 def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:

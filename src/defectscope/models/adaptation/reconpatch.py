@@ -283,9 +283,6 @@ class ReConPatch(PatchCore):
             with torch.no_grad():
                 nn.init.eye_(self.representation.weight)
                 self.representation.bias.zero_()
-        # Frozen outside training (a loaded model too): with requires_grad, F.linear takes another
-        # kernel whose last bits differ, so a saved and reloaded model would not score identically.
-        self.representation.requires_grad_(False)
         self.memory_bank = torch.empty(0, r)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -327,7 +324,6 @@ class ReConPatch(PatchCore):
         d = feats.shape[-1]
         r = self.representation.out_features
         projection = nn.Linear(r, self.params["head_dim"] or r).to(device)
-        self.representation.requires_grad_(True)
         p = self.params
         self.history, _ = train_representation(
             feats.reshape(-1, d).cpu(), self.representation, projection, epochs=p["epochs"],

@@ -358,10 +358,8 @@ class UFlow(BackboneModel):
         channels = [self.backbone.channels[layer] for layer in self._ordered_layers()]
         self.norms = None
         if p["norm_affine"]:
-            side = p["image_size"]
-            self.norms = nn.ModuleList([
-                nn.LayerNorm([c, side // self.backbone.strides[layer], side // self.backbone.strides[layer]])
-                for c, layer in zip(channels, self._ordered_layers())])
+            sides = [p["image_size"] // self.backbone.strides[layer] for layer in self._ordered_layers()]
+            self.norms = nn.ModuleList([nn.LayerNorm([c, s, s]) for c, s in zip(channels, sides)])
         self.flow = UFlowGraph(channels, p["flow_steps"], p["affine_clamp"], p["subnet_ratio"], p["permute_soft"])
 
     # -- features ---------------------------------------------------------------------------------
