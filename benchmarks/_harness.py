@@ -333,15 +333,21 @@ def _median(values: list) -> float | None:
 def run_case(case: Case, root: Path, category: str, *, threads: int = 2, repeats: int = 1,
              image_size: int = 256, seed: int = 0, skip_reference: bool = False,
              skip_ours: bool = False, out_dir: Path = DEFAULT_OUT_DIR,
-             timeout: float | None = 7200, quiet_load: float | None = None) -> dict:
-    """Run ``case`` ``repeats`` times on both sides, interleaved: ours, reference, ours, ..."""
+             timeout: float | None = 7200, quiet_load: float | None = None,
+             model_seeds: Sequence[int] | None = None) -> dict:
+    """Run ``case`` ``repeats`` times on both sides, interleaved: ours, reference, ours, ...
+
+    ``model_seeds``: one run per side and seed instead (``repeats`` is then ignored); each run's
+    model is seeded with its seed on both sides, on the same data: the spread over seeds tells a
+    difference between the implementations from the luck of one initialisation."""
     runs_dir = Path(out_dir) / "runs"
     image_size = case.image_size or image_size
     ours_runs, ref_runs = [], []
     ref_args = dict(case.reference)
     if case.n_latency:
         ref_args.setdefault("n_latency", case.n_latency)
-    for i in range(repeats):
+    run_seeds = list(model_seeds) if model_seeds else [seed] * repeats
+    for i, seed in enumerate(run_seeds):
         tag = f"{case.name}_{category}_r{i}"
         if not skip_ours:
             rec = run_ours(case.ours_model, {**case.ours, "image_size": image_size}, root, category,
@@ -359,7 +365,8 @@ def run_case(case: Case, root: Path, category: str, *, threads: int = 2, repeats
                                           runs_dir / f"anomalib_{tag}.json", image_size=image_size,
                                           seed=seed, timeout=timeout, quiet_load=quiet_load))
     return {"case": case.name, "category": category, "ours": ours_runs, "reference": ref_runs,
-            "reference_args": ref_args, "notes": case.notes, "image_size": image_size}
+            "reference_args": ref_args, "notes": case.notes, "image_size": image_size,
+            "model_seeds": list(model_seeds) if model_seeds else None}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -433,6 +440,12 @@ def markdown(results: list[dict], title: str, threads: int, extra_header: Sequen
         if loads:
             lines.append("- 1-min load average at the start of each run (other processes on the cores "
                          "inflate every timing): " + "; ".join(loads))
+        if n_rep > 1:
+            per_run = [f"{side} " + ", ".join(_fmt("{:.2f}", 100 * r["image_auroc"]) for r in res[key]
+                                              if not r.get("error") and r.get("image_auroc") is not None)
+                       for side, key in (("defectscope", "ours"), ("anomalib", "reference"))]
+            seeds = f" (model seeds {', '.join(map(str, res['model_seeds']))})" if res.get("model_seeds") else ""
+            lines.append(f"- image AUROC % per run{seeds}: " + "; ".join(per_run))
         for note in res.get("notes") or []:
             lines.append(f"- {note}")
         lines.append("")
@@ -444,7 +457,8 @@ def run_comparison(cases: Sequence[Case], *, title: str, n_train: int = 200,
                    image_size: int = 256, seed: int = 0, skip_reference: bool = False,
                    skip_ours: bool = False, out: str | os.PathLike | None = None,
                    data_dir: str | os.PathLike | None = None, timeout: float | None = 7200,
-                   select: Callable[[Case], bool] | None = None, quiet_load: float | None = None) -> str:
+                   select: Callable[[Case], bool] | None = None, quiet_load: float | None = None,
+                   model_seeds: Sequence[int] | None = None) -> str:
     """Make the data, run every case on every category, write the table (Markdown) to ``out``
     and a JSON of all records next to it, print the table, and return it."""
     out_path = Path(out) if out else DEFAULT_OUT_DIR / f"{title.split()[0].lower()}.md"
@@ -464,7 +478,7 @@ def run_comparison(cases: Sequence[Case], *, title: str, n_train: int = 200,
             results.append(run_case(case, root, category, threads=threads, repeats=repeats,
                                     image_size=image_size, seed=seed, skip_reference=skip_reference,
                                     skip_ours=skip_ours, out_dir=out_path.parent, timeout=timeout,
-                                    quiet_load=quiet_load))
+                                    quiet_load=quiet_load, model_seeds=model_seeds))
             text = markdown(results, title, threads,
                             [f"data: {root} (synthetic, {n_train} training images, {image_size}x{image_size}, RGB)"])
             out_path.write_text(text + "\n")  # after every case, so a long run shows progress
@@ -490,7 +504,10 @@ def add_common_args(p, *, n_train: int, models: str, out_name: str) -> None:
     p.add_argument("--models", default=models, help=f"comma-separated subset of {models}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of the models (default 0)")
+    p.add_argument("--model-seeds", default=None, help="comma-separated model seeds: one run per side and seed "
+                   "on the same data (--seed's), instead of --repeats; the table gives medians and lists "
+                   "each run's image AUROC")
     p.add_argument("--skip-reference", action="store_true", help="run defectscope only")
     p.add_argument("--skip-ours", action="store_true", help="run the reference only")
     p.add_argument("--data-dir", default=None, help="write / reuse the synthetic set here "
@@ -512,5 +529,6 @@ def run_from_args(cases: list, title: str, args) -> int:
         skip_reference=args.skip_reference, skip_ours=args.skip_ours, out=args.out,
         data_dir=args.data_dir, timeout=args.timeout, select=lambda c: c.name in wanted,
         quiet_load=args.quiet_load,
+        model_seeds=[int(x) for x in args.model_seeds.split(",")] if getattr(args, "model_seeds", None) else None,
     )
     return 0

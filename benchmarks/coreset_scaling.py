@@ -16,7 +16,7 @@ Two parts:
   time quadratically (the greedy coreset is O(N * n) = O(N^2)), RSS linearly -- and marked
   "extrapolated". Writes a Markdown table, a JSON of the records and a PNG plot.
 
-    python benchmarks/coreset_scaling.py accuracy --categories washer,fabric
+    python benchmarks/coreset_scaling.py accuracy --categories washer --oversample 1,2 --seeds 0,1,2
     python benchmarks/coreset_scaling.py scaling --sizes 100,200,400,800,1600 --max-exact 400 \\
         --max-reference 100
 
@@ -71,7 +71,13 @@ def _log(msg: str) -> None:
 # accuracy: coverage radius and AUROC on the synthetic set
 
 
-def accuracy(categories: list[str], threads: int, out: Path) -> str:
+def accuracy(categories: list[str], threads: int, out: Path, oversamples: list[float] = (1.0,),
+             seeds: list[int] = (0,)) -> str:
+    """Per category and seed (the random projection's and the first pick's): the exact greedy and
+    the two-stage selection at each ``oversample`` on the same bank (radius, mean distance,
+    selection time), and the AUROCs of a PatchCore fit with each; then the mean over the seeds."""
+    import statistics
+
     import torch
 
     torch.set_num_threads(threads)
@@ -81,50 +87,76 @@ def accuracy(categories: list[str], threads: int, out: Path) -> str:
     ops = import_defectscope("defectscope.ops.coreset")
     rows = []
     for cat in categories:
-        # the bank both selections start from: every patch feature of the training set
+        # the bank every selection starts from: every patch feature of the training set
         model = models.create_model("patchcore", image_size=256)
         train = data.load_dataset("synthetic", cat, "train", image_size=256, channels=3)
         model.fit(train.subset(range(1)))  # builds the backbone and the aggregation
         with torch.no_grad():
             bank = torch.cat(list(model._feature_batches(train)))
-        row = {"category": cat, "bank_patches": bank.shape[0], "load_at_start": os.getloadavg()[0]}
-        t0 = time.perf_counter()
-        ex = ops.greedy_coreset(bank, ratio=0.1, seed=0, return_min_distances=True)
-        row["exact_select_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ap = ops.two_stage_coreset(bank, ratio=0.1, seed=0, return_min_distances=True)
-        row["two_stage_select_s"] = time.perf_counter() - t0
-        row["exact_radius"] = float(ex.min_distances.max())
-        row["two_stage_radius"] = float(ap.min_distances.max())
-        row["radius_ratio"] = row["two_stage_radius"] / row["exact_radius"]
-        row["exact_mean_dist"] = float(ex.min_distances.mean())
-        row["two_stage_mean_dist"] = float(ap.min_distances.mean())
-        row["common_picks"] = len(set(ex.indices.tolist()) & set(ap.indices.tolist())) / ex.indices.numel()
-        del bank, ex, ap
-        for method in ("exact", "two-stage"):
-            rec = engine.run_experiment("patchcore", {"coreset_method": method}, data="synthetic", category=cat)
-            for key in ("image_auroc", "pixel_auroc", "aupro", "fit_s"):
-                row[f"{method}_{key}"] = rec.get(key)
-        row["delta_image_auroc_points"] = 100 * (row["two-stage_image_auroc"] - row["exact_image_auroc"])
-        row["delta_pixel_auroc_points"] = 100 * (row["two-stage_pixel_auroc"] - row["exact_pixel_auroc"])
-        rows.append(row)
-        _log(json.dumps(row))
+        for seed in seeds:
+            load = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            ex = ops.greedy_coreset(bank, ratio=0.1, seed=seed, return_min_distances=True)
+            exact_s = time.perf_counter() - t0
+            exact = engine.run_experiment("patchcore", {"coreset_method": "exact", "seed": seed}, data="synthetic",
+                                          category=cat)
+            for o in oversamples:
+                t0 = time.perf_counter()
+                ap = ops.two_stage_coreset(bank, ratio=0.1, seed=seed, oversample=o, return_min_distances=True)
+                row = {"category": cat, "oversample": o, "seed": seed, "bank_patches": bank.shape[0],
+                       "load_at_start": load, "exact_select_s": exact_s,
+                       "two_stage_select_s": time.perf_counter() - t0,
+                       "exact_radius": float(ex.min_distances.max()),
+                       "two_stage_radius": float(ap.min_distances.max()),
+                       "exact_mean_dist": float(ex.min_distances.mean()),
+                       "two_stage_mean_dist": float(ap.min_distances.mean()),
+                       "common_picks": len(set(ex.indices.tolist()) & set(ap.indices.tolist())) / ex.indices.numel()}
+                row["radius_ratio"] = row["two_stage_radius"] / row["exact_radius"]
+                del ap
+                rec = engine.run_experiment("patchcore", {"coreset_method": "two-stage", "coreset_oversample": o,
+                                                          "seed": seed}, data="synthetic", category=cat)
+                for key in ("image_auroc", "pixel_auroc", "aupro", "fit_s"):
+                    row[f"exact_{key}"] = exact.get(key)
+                    row[f"two-stage_{key}"] = rec.get(key)
+                row["delta_image_auroc_points"] = 100 * (row["two-stage_image_auroc"] - row["exact_image_auroc"])
+                row["delta_pixel_auroc_points"] = 100 * (row["two-stage_pixel_auroc"] - row["exact_pixel_auroc"])
+                rows.append(row)
+                _log(json.dumps(row))
+            del ex
+        del bank
     hw = hardware()
     lines = ["# PatchCore coreset: two-stage vs exact greedy (synthetic set, 200 training images, 256 px)", "",
-             f"- hardware: {hw['cpu']}, {hw['cores']} cores; threads {threads}; shared machine, load in the table",
+             f"- hardware: {hw['cpu']}, {hw['cores']} cores; threads {threads}; load in the table",
              "- coverage radius: largest distance (128-d projection) of a bank patch to its nearest coreset patch; "
-             "coreset 10 %, seed 0; two-stage with the defaults (65,536-patch blocks, oversample 1)", "",
-             "| category | bank patches | radius exact | radius two-stage | ratio | mean dist exact | mean dist two-stage "
-             "| select s exact | select s two-stage | image AUROC exact | image AUROC two-stage | delta (points) "
-             "| pixel AUROC exact | pixel AUROC two-stage | delta (points) | load |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "coreset 10 %; two-stage with 65,536-patch blocks, each keeping `oversample` times its share; the seed "
+             "draws the random projection and the first pick of both selections", "",
+             "| category | oversample | seed | bank patches | radius exact | radius two-stage | ratio | mean dist exact "
+             "| mean dist two-stage | select s exact | select s two-stage | image AUROC exact | image AUROC two-stage "
+             "| delta (points) | pixel AUROC exact | pixel AUROC two-stage | delta (points) | load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| {r['category']} | {r['bank_patches']} | {r['exact_radius']:.3f} | {r['two_stage_radius']:.3f} | "
-            f"{r['radius_ratio']:.3f} | {r['exact_mean_dist']:.3f} | {r['two_stage_mean_dist']:.3f} | "
-            f"{r['exact_select_s']:.1f} | {r['two_stage_select_s']:.1f} | {r['exact_image_auroc']:.4f} | "
-            f"{r['two-stage_image_auroc']:.4f} | {r['delta_image_auroc_points']:+.2f} | {r['exact_pixel_auroc']:.4f} | "
-            f"{r['two-stage_pixel_auroc']:.4f} | {r['delta_pixel_auroc_points']:+.2f} | {r['load_at_start']:.1f} |")
+            f"| {r['category']} | {r['oversample']:g} | {r['seed']} | {r['bank_patches']} | {r['exact_radius']:.3f} | "
+            f"{r['two_stage_radius']:.3f} | {r['radius_ratio']:.3f} | {r['exact_mean_dist']:.3f} | "
+            f"{r['two_stage_mean_dist']:.3f} | {r['exact_select_s']:.1f} | {r['two_stage_select_s']:.1f} | "
+            f"{r['exact_image_auroc']:.4f} | {r['two-stage_image_auroc']:.4f} | {r['delta_image_auroc_points']:+.2f} | "
+            f"{r['exact_pixel_auroc']:.4f} | {r['two-stage_pixel_auroc']:.4f} | {r['delta_pixel_auroc_points']:+.2f} | "
+            f"{r['load_at_start']:.1f} |")
+    if len(seeds) > 1:  # the mean and spread over the seeds, per category and selection
+        lines += ["", f"Mean (population standard deviation) over seeds {', '.join(map(str, seeds))}, in points:", "",
+                  "| category | selection | image AUROC | pixel AUROC | radius ratio |", "|---|---|---:|---:|---:|"]
+        for cat in categories:
+            mine = [r for r in rows if r["category"] == cat]
+            first = [r for r in mine if r["oversample"] == oversamples[0]]  # one exact row per seed
+            groups = [("exact", first, "exact_", None)] + [
+                (f"two-stage, oversample {o:g}", [r for r in mine if r["oversample"] == o], "two-stage_", o)
+                for o in oversamples]
+            for label, group, prefix, o in groups:
+                img = [100 * r[prefix + "image_auroc"] for r in group]
+                px = [100 * r[prefix + "pixel_auroc"] for r in group]
+                ratio = "1" if o is None else f"{statistics.mean(r['radius_ratio'] for r in group):.3f}"
+                lines.append(f"| {cat} | {label} | {statistics.mean(img):.2f} ({statistics.pstdev(img):.2f}) | "
+                             f"{statistics.mean(px):.2f} ({statistics.pstdev(px):.2f}) | {ratio} |")
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.md").write_text(text)
@@ -310,6 +342,9 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="part", required=True)
     a = sub.add_parser("accuracy", help="coverage radius and AUROC, exact vs two-stage, synthetic set")
     a.add_argument("--categories", default="washer,fabric")
+    a.add_argument("--oversample", default="1", help="comma-separated two-stage oversample factors to compare "
+                   "(default 1, PatchCore's default)")
+    a.add_argument("--seeds", default="0", help="comma-separated seeds (projection and first pick; default 0)")
     s = sub.add_parser("scaling", help="fit time and peak RSS vs number of training images")
     s.add_argument("--sizes", default="100,200,400,800,1600")
     s.add_argument("--methods", default="exact,two-stage,anomalib")
@@ -326,7 +361,8 @@ def main(argv=None) -> int:
         q.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     if args.part == "accuracy":
-        accuracy([c.strip() for c in args.categories.split(",") if c.strip()], args.threads, Path(args.out))
+        accuracy([c.strip() for c in args.categories.split(",") if c.strip()], args.threads, Path(args.out),
+                 [float(x) for x in args.oversample.split(",")], [int(x) for x in args.seeds.split(",")])
     else:
         scaling(args)
     return 0

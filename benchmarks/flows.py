@@ -61,9 +61,7 @@ def cases(args) -> list[Case]:
             reference={"backbone": BACKBONE_REF, "epochs": e, "batch_size": 32},
             notes=[f"{e} epoch(s), batch 32, Adam lr 1e-3, weight decay 1e-5 on both sides (the paper's)",
                    "anomalib's FastflowModel built for resnet18 with its timm.create_model call redirected to "
-                   "tf_efficientnet_lite0 blocks.1/2/4 (its backbone list is closed; no ResNet weights offline)",
-                   "defectscope blurs the map (sigma 4) and takes the image score from the blurred map; anomalib's "
-                   "FastFlow map is not blurred"],
+                   "tf_efficientnet_lite0 blocks.1/2/4 (its backbone list is closed; no ResNet weights offline)"],
         ),
         Case(
             name="cflow", ours_model="cflow", ref_model="cflow",
@@ -76,7 +74,7 @@ def cases(args) -> list[Case]:
                    "anomalib shuffles the fibers within each batch of 32 images and alternates the three decoders; "
                    "defectscope shuffles all training fibers per epoch and trains the decoders one after the other",
                    "normalisation: anomalib subtracts the maximum log-likelihood of the batch (its scores depend on "
-                   "the batch), defectscope the training maximum; defectscope blurs the map (sigma 4)"],
+                   "the batch), defectscope the training maximum"],
         ),
         Case(
             name="csflow", ours_model="csflow", ref_model="csflow",

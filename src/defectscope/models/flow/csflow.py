@@ -56,7 +56,6 @@ Deviations:
   at absurd values).
 * anomalib 2.7 subtracts the log-determinant summed over the whole *batch* from each image's
   ``||z||^2 / 2``; the authors' code and this module use each image's own.
-* The map is blurred with the library-wide Gaussian (sigma 4; ``blur_sigma=0`` is the paper's).
 """
 
 from __future__ import annotations
@@ -232,11 +231,16 @@ def csflow_map(zs: list[torch.Tensor], size: int, mode: str = "largest") -> torc
 
 
 class _ClippedAdam(torch.optim.Adam):
-    """Adam whose ``step`` first clips the gradients' global norm (the authors' ``max_grad_norm``)."""
+    """Adam whose ``step`` first clips the gradients' global norm (the authors' ``max_grad_norm``).
+
+    It runs PyTorch's *fused* Adam kernel: the same update, one pass over each parameter. The flow
+    has 174 M parameters, and the default multi-tensor path allocates a temporary the size of all
+    of them for each of its elementwise steps: 0.93 s of a 2.6 s training step at batch 16 on 2
+    cores, against 0.10 s fused (measured on the flow alone, 256 px, Lite0 ``blocks.5``)."""
 
     def __init__(self, params, max_norm: float, **kwargs) -> None:
         params = list(params)
-        super().__init__(params, **kwargs)
+        super().__init__(params, fused=True, **kwargs)
         self.max_norm = max_norm
 
     def step(self, closure=None):  # noqa: D102
@@ -259,7 +263,8 @@ class CsFlow(BackboneModel):
         "soft clamp 3, NLL; Adam lr 2e-4, eps 1e-4, wd 1e-5, gradient norm 1, batch 16, 240 epochs; "
         "score = mean z^2/2, map = per-position z^2 of the largest scale); EfficientNet-Lite0 blocks.5 "
         "(stride 32) instead of EfficientNet-B5 features.6; 256 px (paper 768; multiple of 128); features "
-        "extracted once per fit; map blurred (sigma 4; `blur_sigma=0` is the paper's); extractor run as a BatchNorm-folded `channels_last` copy"
+        "extracted once per fit; map not blurred (the paper; `blur_sigma` adds the library's Gaussian); "
+        "extractor run as a BatchNorm-folded `channels_last` copy; fused Adam"
     )
     hparams = (
         Param("epochs", "int", 240, "training epochs (the authors' 4 meta-epochs x 60)", ge=1),
@@ -280,6 +285,7 @@ class CsFlow(BackboneModel):
     cost = Cost(predict=0.914, fit=1.12, epoch=0.718, passes="epochs",  # benchmarks/costs.py
                 measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, shared machine, load 1.4 "
                          "rising to 4.4 during the run")
+    overrides = {"blur_sigma": 0.0}  # the paper does not smooth the map
     smoke = {"image_size": 128, "epochs": 1, "batch_size": 4, "hidden_channels": 8, "coupling_blocks": 2}
 
     def __init__(self, **params) -> None:

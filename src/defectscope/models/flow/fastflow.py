@@ -31,8 +31,6 @@ Deviations:
   here; the default is EfficientNet-Lite0 at the ResNet18 strides 4/8/16 (``blocks.1``/``blocks.2``/
   ``blocks.4``; ``backbone=resnet18`` builds the paper's CNN variant given its weights file).
   The CaiT/DeiT variants (one stride-16 feature, 20 steps, ``hidden_ratio`` 0.16) are not offered.
-* the map is blurred with the library-wide Gaussian (sigma 4; ``blur_sigma=0`` is the paper's
-  map), and the image score is the maximum of the blurred map.
 * the frozen backbone's features of the training images are computed once for the whole training
   instead of at every step (the same values: no augmentation; see ``flow/_common.py``), by a
   BatchNorm-folded ``channels_last`` copy of the backbone (exact up to float rounding; also at
@@ -104,8 +102,9 @@ class Fastflow(BackboneModel):
         "paper defaults (stride-4/8/16 features, trainable LayerNorm, 8 AllInOneBlock steps per scale with "
         "alternating 3x3/1x1 conv subnets, hidden ratio 1, clamp 2; NLL loss; Adam lr 1e-3, wd 1e-5, batch 32, "
         "500 epochs; map = mean over scales of -exp(-mean z^2 / 2) upsampled, max score); backbone "
-        "EfficientNet-Lite0 instead of ResNet18 (no CaiT/DeiT variant); map blurred (sigma 4; `blur_sigma=0` "
-        "is the paper's); training features computed once; backbone run as a BatchNorm-folded `channels_last` copy"
+        "EfficientNet-Lite0 instead of ResNet18 (no CaiT/DeiT variant); map not blurred (the paper; "
+        "`blur_sigma` adds the library's Gaussian); training features computed once; backbone run as a "
+        "BatchNorm-folded `channels_last` copy"
     )
     hparams = (
         Param("flow_steps", "int", 8, "coupling blocks per scale (Sec. 4.2: 8 for ResNet18)", ge=1),
@@ -123,6 +122,7 @@ class Fastflow(BackboneModel):
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=True, pixel_level=True,
                 weights="backbone", export="dynamic", input="rgb")
     cost = Cost(predict=0.05, fit=0.01, epoch=0.1, passes="epochs", measured="placeholder")
+    overrides = {"blur_sigma": 0.0}  # the paper does not smooth the map
     smoke = {"image_size": 64, "epochs": 1, "batch_size": 4, "flow_steps": 2}
 
     # -- construction ---------------------------------------------------------------------------------
