@@ -323,10 +323,8 @@ class UFlow(BackboneModel):
     )
     tags = Tags(settings={"one-class", "multi-class", "few-shot", "blind"}, trains=True, pixel_level=True,
                 weights="backbone", export="dynamic", input="rgb")
-    cost = Cost(predict=0.263, fit=0.571, epoch=0.0712, passes="epochs",  # benchmarks/costs.py --threads 1
-                measured="benchmarks/costs.py --threads 1, synthetic:washer 256 px, 2026-12-02, shared machine under "
-                         "load 9 (with 2 threads under load its many small ops ran 8x slower: OpenMP contention); "
-                         "re-run on a quiet machine")
+    cost = Cost(predict=0.0158, fit=0.0128, epoch=0.0125, passes="epochs",  # benchmarks/costs.py
+                measured="benchmarks/costs.py, synthetic:washer 256 px, 2026-12-02, the benchmark alone on the machine")
     overrides = {"blur_sigma": 0.0}  # the paper does not smooth the map
     smoke = {"image_size": 64, "epochs": 1, "batch_size": 4}
     #: The parameter value that makes the anomaly map (and score) ``-log10 NFA``: what

@@ -179,11 +179,11 @@ class WinCLIP(AnomalyModel):
     tags = Tags(settings={"zero-shot", "few-shot"}, trains=False, pixel_level=True, weights="clip", export="dynamic",
                 input="rgb")
     # arithmetic at the defaults: 2896 tokens (the image's 226, 196 windows of 5, 169 of 10) through 12
-    # blocks of width 896, about 0.62 TFLOP per image (reference images as much; the zero-shot fit adds
-    # ~0.4 TFLOP of prompts, once) at ~130 GFLOP/s on 2 cores
-    cost = Cost(predict=4.8, fit=4.8,
-                measured="arithmetic (0.62 TFLOP/image at ~130 GFLOP/s); benchmarks/winclip_speed.py: 41 s per image "
-                         "at load average 16 on 2 cores, 2026-12-02")
+    # blocks of width 896, about 0.63 TFLOP per image (reference images as much; the zero-shot fit adds
+    # ~0.4 TFLOP of prompts, once); measured at about 290 GFLOP/s with the machine to itself
+    cost = Cost(predict=2.2, fit=2.0,
+                measured="benchmarks/costs.py --models winclip --random-weights, 240 px, 2 threads, the benchmark "
+                         "alone on the machine, 2026-12-02 (fit: seconds per few-shot reference image)")
     smoke = {"clip_model": "tiny", "pretrained": False, "image_size": 64}
 
     def __init__(self, **params: Any) -> None:
