@@ -347,11 +347,11 @@ def run_case(case: Case, root: Path, category: str, *, threads: int = 2, repeats
     if case.n_latency:
         ref_args.setdefault("n_latency", case.n_latency)
     run_seeds = list(model_seeds) if model_seeds else [seed] * repeats
-    for i, seed in enumerate(run_seeds):
+    for i, run_seed in enumerate(run_seeds):
         tag = f"{case.name}_{category}_r{i}"
         if not skip_ours:
             rec = run_ours(case.ours_model, {**case.ours, "image_size": image_size}, root, category,
-                           threads, runs_dir / f"ours_{tag}.json", seed=seed, timeout=timeout,
+                           threads, runs_dir / f"ours_{tag}.json", seed=run_seed, timeout=timeout,
                            quiet_load=quiet_load, n_latency=case.n_latency)
             ours_runs.append(rec)
             for our_key, ref_key in case.link.items():
@@ -363,7 +363,7 @@ def run_case(case: Case, root: Path, category: str, *, threads: int = 2, repeats
         if not skip_reference:
             ref_runs.append(run_reference(case.ref_model, ref_args, root, category, threads,
                                           runs_dir / f"anomalib_{tag}.json", image_size=image_size,
-                                          seed=seed, timeout=timeout, quiet_load=quiet_load))
+                                          seed=run_seed, timeout=timeout, quiet_load=quiet_load))
     return {"case": case.name, "category": category, "ours": ours_runs, "reference": ref_runs,
             "reference_args": ref_args, "notes": case.notes, "image_size": image_size,
             "model_seeds": list(model_seeds) if model_seeds else None}

@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     a = sub.add_parser("accuracy", help="coverage radius and AUROC, exact vs two-stage, synthetic set")
     a.add_argument("--categories", default="washer,fabric")
     a.add_argument("--oversample", default="1", help="comma-separated two-stage oversample factors to compare "
-                   "(default 1, PatchCore's default)")
+                   "(default 1; PatchCore's default is 2)")
     a.add_argument("--seeds", default="0", help="comma-separated seeds (projection and first pick; default 0)")
     s = sub.add_parser("scaling", help="fit time and peak RSS vs number of training images")
     s.add_argument("--sizes", default="100,200,400,800,1600")

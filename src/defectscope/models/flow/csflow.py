@@ -346,7 +346,5 @@ class CsFlow(BackboneModel):
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         zs, _ = self.flow(self.features(images))
-        amap = csflow_map(zs, self.image_size, self.params["map_mode"])
-        sigma = float(self.params["blur_sigma"])
-        amap = gaussian_blur(amap, sigma) if sigma > 0 else amap
+        amap = gaussian_blur(csflow_map(zs, self.image_size, self.params["map_mode"]), self.params["blur_sigma"])
         return Prediction(score=csflow_score(zs), anomaly_map=amap)

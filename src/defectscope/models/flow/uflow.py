@@ -409,7 +409,5 @@ class UFlow(BackboneModel):
         if p["anomaly_map"] == "nfa":
             amap = -log10_nfa(zs, size, p["nfa_window"], p["nfa_p"])
         else:
-            amap = likelihood_map(zs, size)
-            sigma = float(p["blur_sigma"])
-            amap = gaussian_blur(amap, sigma) if sigma > 0 else amap
+            amap = gaussian_blur(likelihood_map(zs, size), p["blur_sigma"])
         return Prediction(score=amap.flatten(1).amax(dim=1), anomaly_map=amap)

@@ -289,7 +289,7 @@ class Draem(ReconstructionModel):
         synth = AnomalySynthesizer(p["anomaly_source"], beta=tuple(p["beta"]))  # checks a folder before any work
         gen, device, images, val = self._start_fit(dataset, val_dataset)
         params = list(self.reconstructive.parameters()) + list(self.discriminative.parameters())
-        opt = torch.optim.Adam(params, lr=p["lr"], fused=True)  # one pass per parameter (see csflow._ClippedAdam)
+        opt = torch.optim.Adam(params, lr=p["lr"], fused=True)  # one pass per parameter (docs/DESIGN.md)
         epochs = p["epochs"]
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=lr_milestones(epochs), gamma=0.2)
         rotate_p = p["rotate_p"]
