@@ -134,10 +134,9 @@ class SegDec(nn.Module):
 
     def seg_map(self, seg_features: torch.Tensor) -> torch.Tensor:
         """The segmentation head's map logits ``[B, 1, h, w]``. On a ``channels_last`` hidden map
-        (training, and the folded inference copy) its last 1x1 convolution, to one channel, runs as a matrix-vector product over
-        the positions' rows: the same sums, but its backward is a plain GEMV where oneDNN's
-        convolution backward reorders the whole ``[2B, 1024, h, w]`` map (0.95 against 1.2-1.3 s for
-        a batch of 32 at 256 px on 2 cores)."""
+        (training, and the folded inference copy) its last 1x1 convolution, to one channel, runs as a
+        matrix-vector product over the positions' rows: the same sums, but its backward is a plain
+        GEMV where oneDNN's convolution backward reorders the whole ``[2B, 1024, h, w]`` map."""
         conv, bn, act, last = self.seg_head
         hidden = act(bn(conv(seg_features)))
         if hidden.is_contiguous(memory_format=torch.channels_last) and not hidden.is_contiguous():
@@ -366,8 +365,9 @@ class SuperSimpleNet(BackboneModel):
         trainable = list(self.adaptor.parameters()) + head_params
         # Trained in the channels_last layout: the 1x1 convolutions become plain matrix products and
         # the BatchNorm over the [2B, 1024, h, w] hidden map runs without layout reorders (a training
-        # step of 32 images at 256 px: 30.6 -> 20.4 s on 2 cores). The same arithmetic up to rounding;
-        # the weights go back to the default layout after training (saved files stay contiguous).
+        # step of 32 images at 256 px: 10.7 -> 8.3 s on 2 cores, benchmarks/train_step.py ssn-layout).
+        # The same arithmetic up to rounding; the weights go back to the default layout after
+        # training (saved files stay contiguous).
         layout = torch.channels_last
         heads = (self.adaptor, self.segdec)
         for module in heads:

@@ -235,8 +235,8 @@ class _ClippedAdam(torch.optim.Adam):
 
     It runs PyTorch's *fused* Adam kernel: the same update, one pass over each parameter. The flow
     has 174 M parameters, and the default multi-tensor path allocates a temporary the size of all
-    of them for each of its elementwise steps: 0.93 s of a 2.6 s training step at batch 16 on 2
-    cores, against 0.10 s fused (measured on the flow alone, 256 px, Lite0 ``blocks.5``)."""
+    of them for each of its elementwise steps: 0.58 s of a 2.15 s training step at batch 16 on 2
+    cores, against 0.10 s of 1.69 s fused (``benchmarks/train_step.py csflow-adam``)."""
 
     def __init__(self, params, max_norm: float, **kwargs) -> None:
         params = list(params)
