@@ -182,6 +182,22 @@ def test_supervised_mode_consumes_the_labelled_defects():
         create_model("supersimplenet", **SMALL).fit(_Items(x), anomalies=_Items(bad[:, :, :32]))
 
 
+def test_training_layout_is_undone_after_fit_and_after_a_failed_fit(monkeypatch):
+    """fit trains in channels_last; the weights go back to the default layout afterwards (saved files
+    stay contiguous), also when training stops on an error."""
+    import defectscope.models.adaptation.supersimplenet as ssn
+
+    x = torch.rand(4, 3, 64, 64, generator=_gen(14))
+    model = create_model("supersimplenet", **{**SMALL, "epochs": 1}).fit(_Items(x))
+    conv = model.segdec.cls_conv[0].weight  # 5x5: its layouts differ
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(ssn, "ssn_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    failed = create_model("supersimplenet", **{**SMALL, "epochs": 1})
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        failed.fit(_Items(x))
+    assert failed.segdec.cls_conv[0].weight.is_contiguous()
+
+
 def test_methods_not_tagged_supervised_and_tiling_refuse_anomalies():
     x = torch.rand(4, 3, 32, 32, generator=_gen(13))
     with pytest.raises(DefectscopeError, match=r"padim: cannot use labelled anomalous training images.*supersimplenet"):

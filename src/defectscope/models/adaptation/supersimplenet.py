@@ -373,35 +373,39 @@ class SuperSimpleNet(BackboneModel):
         for module in heads:
             module.to(memory_format=layout)
         self.history = {"loss": [], "train_anomalies": n_variants // 4}
-        for _ in progress(range(p["epochs"]), desc=f"fit {self.name}", unit="epoch"):
-            order = torch.randperm(n, generator=gen)
-            if n_variants:  # balanced: as many labelled-defect draws as normal images (official supervised loader)
-                draws = torch.cat([torch.randperm(n_variants, generator=gen) for _ in range(-(-n // n_variants))])[:n]
-                order = torch.cat((order, n + draws))[torch.randperm(2 * n, generator=gen)]
-            self.adaptor.train()
-            self.segdec.train()
-            total, count = 0.0, 0
-            for start in range(0, len(order), p["batch_size"]):
-                idx = order[start:start + p["batch_size"]].to(device)
-                feats = upscaled_features([t[idx] for t in taps], p["patch_size"]).contiguous(memory_format=layout)
-                adapted = self.adaptor(feats)
-                adapted, raw, m, y, _ = feature_anomalies(
-                    adapted, None if adapt_cls else feats, masks[idx], labels[idx],
-                    noise_std=p["noise_std"], threshold=p["perlin_threshold"], generator=gen)
-                amap, score = self.segdec(adapted, adapted if adapt_cls else raw, stop_grad=not supervised)
-                loss = ssn_loss(amap, score, m, y, gamma=p["focal_gamma"], th=p["truncation"],
-                                pixel_valid=torch.cat((valid[idx], valid[idx])) if supervised else None)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"fit {self.name}: loss became {loss.item()}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if supervised:
-                    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                opt.step()
-                total += loss.item() * len(idx)
-                count += len(idx)
-            sched.step()
-            self.history["loss"].append(total / max(count, 1))
-        for module in heads:
-            module.to(memory_format=torch.contiguous_format)
+        try:
+            for _ in progress(range(p["epochs"]), desc=f"fit {self.name}", unit="epoch"):
+                order = torch.randperm(n, generator=gen)
+                # balanced: as many labelled-defect draws as normal images (official supervised loader)
+                if n_variants:
+                    rounds = -(-n // n_variants)
+                    draws = torch.cat([torch.randperm(n_variants, generator=gen) for _ in range(rounds)])[:n]
+                    order = torch.cat((order, n + draws))[torch.randperm(2 * n, generator=gen)]
+                self.adaptor.train()
+                self.segdec.train()
+                total, count = 0.0, 0
+                for start in range(0, len(order), p["batch_size"]):
+                    idx = order[start:start + p["batch_size"]].to(device)
+                    feats = upscaled_features([t[idx] for t in taps], p["patch_size"]).contiguous(memory_format=layout)
+                    adapted = self.adaptor(feats)
+                    adapted, raw, m, y, _ = feature_anomalies(
+                        adapted, None if adapt_cls else feats, masks[idx], labels[idx],
+                        noise_std=p["noise_std"], threshold=p["perlin_threshold"], generator=gen)
+                    amap, score = self.segdec(adapted, adapted if adapt_cls else raw, stop_grad=not supervised)
+                    loss = ssn_loss(amap, score, m, y, gamma=p["focal_gamma"], th=p["truncation"],
+                                    pixel_valid=torch.cat((valid[idx], valid[idx])) if supervised else None)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"fit {self.name}: loss became {loss.item()}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if supervised:
+                        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                    opt.step()
+                    total += loss.item() * len(idx)
+                    count += len(idx)
+                sched.step()
+                self.history["loss"].append(total / max(count, 1))
+        finally:  # the default layout again, also when training stops on an error
+            for module in heads:
+                module.to(memory_format=torch.contiguous_format)
         self._cache.clear()
