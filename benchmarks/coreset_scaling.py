@@ -9,7 +9,7 @@ Two parts:
   ``run_experiment("patchcore", {"coreset_method": ...}, data="synthetic", category=...)``.
 * ``scaling``: fit time and peak RSS of a fit against the number of training images (100, 200,
   400, 800, 1600 at 256 px; a larger synthetic set is generated into ``--data-dir`` and the
-  sizes are prefixes of its training images, through symlinked folders), each fit in a fresh
+  sizes are prefixes of its training images, through hard-linked folders), each fit in a fresh
   process: defectscope exact, defectscope two-stage, and anomalib's PatchCore in the reference
   venv (benchmarks/setup_reference.sh). Sizes above ``--max-exact`` / ``--max-reference`` (or
   runs past ``--timeout``, default one hour) are extrapolated from the largest measured ones --
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -170,21 +171,29 @@ def accuracy(categories: list[str], threads: int, out: Path, oversamples: list[f
 
 
 def subset_root(big: Path, category: str, k: int, where: Path) -> Path:
-    """A data root whose training set is the first ``k`` training images of ``big`` (symlinks)."""
+    """A data root whose training set is the first ``k`` training images of ``big``, made of hard
+    links (copies across file systems): anomalib's loader walks the folders with ``Path.glob("**/*")``,
+    which does not enter symlinked folders (it found 0 images in a symlinked layout)."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
     root = where / f"n{k}"
     good = root / category / "train" / "good"
-    if not good.is_dir() or len(list(good.iterdir())) != k:
-        good.mkdir(parents=True, exist_ok=True)
-        for f in good.iterdir():
-            f.unlink()
+    stale = any(p.is_symlink() for p in (root / category).glob("*")) if (root / category).is_dir() else False
+    if stale or not good.is_dir() or len(list(good.iterdir())) != k:
+        shutil.rmtree(root, ignore_errors=True)
+        good.mkdir(parents=True)
         files = sorted((big / category / "train" / "good").iterdir())
         if len(files) < k:
             raise SystemExit(f"{big} has {len(files)} training images, fewer than {k}")
         for f in files[:k]:
-            (good / f.name).symlink_to(f.resolve())
+            link(f, good / f.name)
         for sub in ("test", "ground_truth"):
-            if (big / category / sub).exists() and not (root / category / sub).exists():
-                (root / category / sub).symlink_to((big / category / sub).resolve())
+            if (big / category / sub).exists():
+                shutil.copytree(big / category / sub, root / category / sub, copy_function=link)
     return root
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -149,6 +150,27 @@ def test_knn_matches_cdist(k, kwargs):
     assert torch.equal(idx, ri)
     torch.testing.assert_close(dist.double(), rd, rtol=1e-5, atol=1e-5)
     assert bool((dist[:, 1:] >= dist[:, :-1]).all())
+
+
+@pytest.mark.parametrize("k", [1, 9])
+def test_knn_bank_tiles_outermost_match_cdist_and_keep_the_first_of_equal_rows(k, monkeypatch):
+    """The tiled loop large banks take (tiles shrunk so that a small bank is tiled, with a last
+    partial tile in both directions) against torch.cdist; on a bank that is two copies of itself
+    the nearest row is always in the first copy, as torch.min's first index."""
+    K = sys.modules["defectscope.ops.knn"]  # the module (defectscope.ops.knn is the function)
+    monkeypatch.setattr(K, "_TILED_MIN_BANK", 0)
+    monkeypatch.setattr(K, "_TILE_ROWS", 96)
+    monkeypatch.setattr(K, "_TILE_COLS", 128)
+    g = torch.Generator().manual_seed(20 + k)
+    q = torch.randn(1000, 24, generator=g) + 3.0
+    b = torch.randn(700, 24, generator=g) + 3.0
+    dist, idx = knn(q, b, k, backend="torch")
+    rd, ri = _knn_reference(q, b, k)
+    assert torch.equal(idx, ri)
+    torch.testing.assert_close(dist.double(), rd, rtol=1e-5, atol=1e-5)
+    if k == 1:
+        _, idx2 = knn(q, torch.cat([b, b]), 1, backend="torch")
+        assert torch.equal(idx2, ri)
 
 
 @pytest.mark.parametrize("m", [100, 512, 700, 1300])
