@@ -6,6 +6,7 @@ deleted, and the one-line errors of the command line. Loopback only."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import threading
@@ -29,7 +30,13 @@ except Exception as e:  # ImportError, or ray.serve's own error naming a missing
 from _serve_util import free_port, live_server, multipart, request, train_model  # noqa: E402
 from defectscope.errors import DefectscopeError  # noqa: E402
 from defectscope.serve.app import ServeConfig, create_app  # noqa: E402
-from defectscope.serve.ray_backend import APP_NAME, REPLICA_HEADER, deploy, require_ray_serve  # noqa: E402
+from defectscope.serve.ray_backend import (  # noqa: E402
+    APP_NAME,
+    PROXY_READY_TIMEOUT,
+    REPLICA_HEADER,
+    deploy,
+    require_ray_serve,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's pydantic models
 
@@ -59,6 +66,7 @@ def plain(model_dir):
 def ray_port(model_dir):
     import ray
 
+    os.environ.setdefault(*PROXY_READY_TIMEOUT)  # as serve's own local start does
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     print(f"\nRay started in {time.perf_counter() - t0:.1f} s")

@@ -180,6 +180,12 @@ def _check_models(models: dict) -> None:
             raise DefectscopeError(f"serve: model {name}: {e}") from None
 
 
+#: Ray Serve restarts its HTTP proxy when the proxy is not ready within 5 s; on a loaded machine
+#: (2 cores busy with other work) it never came up, restarted in a loop. A local Ray started here
+#: (and the tests' one) gives it 60 s; a cluster joined by address keeps its own setting.
+PROXY_READY_TIMEOUT = ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+
+
 def _connect(address: Optional[str], log_level: str) -> bool:
     """Start or join Ray; True when this call started it (so stopping stops it too)."""
     import ray
@@ -193,6 +199,7 @@ def _connect(address: Optional[str], log_level: str) -> bool:
         except Exception as e:
             raise DefectscopeError(f"serve: cannot join the Ray cluster at {address}: {_one_line(e)}") from None
         return False
+    os.environ.setdefault(*PROXY_READY_TIMEOUT)  # read by the Serve controller Ray starts
     ray.init(include_dashboard=False, logging_level=quiet, log_to_driver=True)
     return True
 
