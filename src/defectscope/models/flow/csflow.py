@@ -29,7 +29,11 @@ clamped, ``s <- (2 alpha / pi) atan(s / alpha)`` with ``alpha = 3`` (
 
 **Loss**: the negative log-likelihood under a standard normal, per image
 ``||z||^2 / 2 - log |det J|`` over the concatenation of the three scales, averaged over the batch
-and divided by the dimension ``D`` of ``z`` (the authors' ``get_loss``).
+and divided by the dimension ``D`` of ``z`` (the authors' ``get_loss``). anomalib 2.7.0 differs:
+its coupling layer sums the log-determinants over the batch, and its loss subtracts that sum from
+every image's term (a log-determinant weighted by the batch size). At 20 epochs on the synthetic set
+that term is worth 2-6 points of image AUROC (``benchmarks/csflow_loss.py``, README); this class
+keeps the paper's.
 
 **Score and map**. Image score: ``||z||^2 / (2 D)``, the mean of ``z^2 / 2`` over every
 entry of the three scales (the authors' score). Map: the per-position ``||z^(1)_ij||^2`` of the
