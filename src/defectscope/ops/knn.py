@@ -163,13 +163,13 @@ def _torch_candidates(q, mu, bank_aug_t, k, block_size, budget):
 
 def _tiled_candidates(q, mu, bank_aug_t, k, rows, cols):
     """Candidates by tiles of ``rows`` queries x ``cols`` bank rows, bank tiles outermost: each bank
-    tile ([D+1, cols], sized for a core's L2 cache) is read from memory once and reused by every
-    query tile, and each [rows, cols] distance tile is reduced while it is still in cache. The
+    tile ([D+1, cols], a few MB) is read from memory once and reused by every query tile, and each
+    [rows, cols] distance tile is reduced while it is still in cache (tile sizes: the fastest of
+    those benchmarks/knn_blocking.py compares). The
     row-block loop of :func:`_torch_candidates` instead streams the whole bank once per block of
     queries, which bounds it by memory traffic when the bank is large (SPADE's gathered pyramids:
     [204800, 177] floats, 145 MB, once per 32 of its 4096 queries)."""
-    n, d = q.shape
-    m = bank_aug_t.shape[1]
+    n, m = q.shape[0], bank_aug_t.shape[1]
     cols = max(k, cols)  # every tile but the last holds k candidates
     qa = torch.cat([q - mu, q.new_ones(n, 1)], dim=1)
     best_d = torch.empty(n, k, dtype=q.dtype, device=q.device)
