@@ -7,7 +7,7 @@ anomalib's ``ParallelGlowCouplingLayer.forward`` returns ``torch.stack([jac0, ja
 the log-determinants of *all images of the batch* summed into one number, which its ``CsFlowLoss``
 then subtracts from every image's ``||z||^2 / 2``. Averaged over the batch that weighs the
 log-determinant B times (16 at batch 16) more than the paper's per-image NLL (Rudolph et al., WACV
-2022, eq. 5), which the authors' code and defectscope compute. This script trains defectscope's
+2022), which the authors' code and defectscope compute. This script trains defectscope's
 CS-Flow with either term, everything else unchanged (the ``batch-sum`` variant swaps
 ``defectscope.models.flow.csflow.csflow_loss`` in its own process only), on the data of
 ``benchmarks/flows.py`` (``--data-dir``, a synthetic MVTec-layout root made by that script), with the

@@ -13,8 +13,9 @@ give it at 256 px, with random Gaussian features (the cost does not depend on th
   coreset of 200 / 1600 training images (20,480 / 163,840 rows, k = 1);
 * ``dfkde``-like small banks are not timed: they fit in cache either way.
 
-``rows`` blocks is the row-block loop (``_torch_candidates``: each block of query rows against the
-whole bank); ``RxC`` the bank-tiles-outermost loop (``_tiled_candidates``). Medians over
+``rows`` is the row-block loop (``_torch_candidates`` with the tiled path switched off: each block
+of query rows against the whole bank); ``RxC`` the bank-tiles-outermost loop (``_tiled_candidates``;
+the first default is the kernel's own tile). Medians over
 ``--repeats`` runs, interleaved, in one process, 2 threads; the candidates of every variant are
 checked equal to the row-block loop's.
 """
@@ -34,10 +35,19 @@ SHAPES = {"spade": (4096, 204_800, 176), "patchcore-200": (1024, 20_480, 112),
           "patchcore-1600": (1024, 163_840, 112)}
 
 
+def row_blocks(q, index):
+    """The row-block loop: ``_torch_candidates`` at its default blocks, the tiled path switched off."""
+    saved, K._TILED_MIN_BANK = K._TILED_MIN_BANK, float("inf")
+    try:
+        return K._torch_candidates(q, index.mu, index.bank_aug_t, 1, None, K._DEFAULT_BUDGET)
+    finally:
+        K._TILED_MIN_BANK = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--tiles", default="128x2048,256x2048,512x2048,256x4096,4096x1024")
+    ap.add_argument("--tiles", default=f"{K._TILE_ROWS}x{K._TILE_COLS},256x2048,1024x4096,512x8192,4096x1024")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -50,8 +60,7 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
         index = K.NearestNeighbors(torch.randn(m, d, generator=gen))
         q = torch.randn(n, d, generator=gen)
-        variants = {"rows (current)": lambda: K._torch_candidates(q, index.mu, index.bank_aug_t, 1, None,
-                                                                   K._DEFAULT_BUDGET)}
+        variants = {"rows": lambda: row_blocks(q, index)}
         for r, c in tiles:
             variants[f"{r}x{c}"] = (lambda r=r, c=c: K._tiled_candidates(q, index.mu, index.bank_aug_t, 1, r, c))
         times = {v: [] for v in variants}
@@ -62,7 +71,7 @@ def main() -> None:
                 with torch.no_grad():
                     picks[v] = fn()
                 times[v].append(time.perf_counter() - t0)
-        ref = picks["rows (current)"]
+        ref = picks["rows"]
         for v in variants:
             same = bool(torch.equal(picks[v], ref))
             print(f"| {name} | {n} x {m} x {d} | {v} | {statistics.median(times[v]) * 1000:.1f} | {same} |")

@@ -165,10 +165,10 @@ def _tiled_candidates(q, mu, bank_aug_t, k, rows, cols):
     """Candidates by tiles of ``rows`` queries x ``cols`` bank rows, bank tiles outermost: each bank
     tile ([D+1, cols], a few MB) is read from memory once and reused by every query tile, and each
     [rows, cols] distance tile is reduced while it is still in cache (tile sizes: the fastest of
-    those benchmarks/knn_blocking.py compares). The
-    row-block loop of :func:`_torch_candidates` instead streams the whole bank once per block of
-    queries, which bounds it by memory traffic when the bank is large (SPADE's gathered pyramids:
-    [204800, 177] floats, 145 MB, once per 32 of its 4096 queries)."""
+    those benchmarks/knn_blocking.py compares). The row-block loop of :func:`_torch_candidates`
+    instead streams the whole bank once per block of queries, which bounds it by memory traffic
+    when the bank is large (SPADE's gathered pyramids: [204800, 177] floats, 145 MB, once per 32 of
+    its 4096 queries)."""
     n, m = q.shape[0], bank_aug_t.shape[1]
     cols = max(k, cols)  # every tile but the last holds k candidates
     qa = torch.cat([q - mu, q.new_ones(n, 1)], dim=1)
@@ -186,7 +186,7 @@ def _tiled_candidates(q, mu, bank_aug_t, k, rows, cols):
             else:
                 vals, ids = torch.topk(d2, kk, dim=1, largest=False, sorted=False)
             ids += c0
-            if c0 == 0 and kk == k:
+            if c0 == 0:  # cols >= k and m >= k: the first tile always holds k candidates
                 best_d[r0:r1], best_i[r0:r1] = vals, ids
             elif k == 1:  # strictly smaller only: the earlier (lower) index wins ties
                 better = vals < best_d[r0:r1]
