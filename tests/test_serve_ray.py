@@ -121,13 +121,24 @@ def test_both_replicas_answer(ray_port, images):
     replicas = {a.headers[REPLICA_HEADER] for a in answers}
     assert len(replicas) == 2, replicas
     # each replica counts its own requests in its /metrics (one service per replica)
+    # Serve's router picks the replica with the shorter *cached* queue length, and the cache
+    # lives 10 s (RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S). After the burst above one replica's
+    # entry can stay stale, and a CI run saw 40 sequential GETs all go to the other one. So:
+    # rounds of concurrent GETs, with a pause that lets a stale entry expire.
     seen = {}
-    for _ in range(40):
-        r = request(ray_port, "GET", "/metrics")
-        seen[r.headers[REPLICA_HEADER]] = r.body.decode()
-        if len(seen) == 2:
-            break
-    assert len(seen) == 2
+
+    def metrics(_):
+        return request(ray_port, "GET", "/metrics")
+
+    with ThreadPoolExecutor(8) as ex:
+        for _ in range(15):
+            for r in ex.map(metrics, range(8)):
+                assert r.status == 200, r
+                seen[r.headers[REPLICA_HEADER]] = r.body.decode()
+            if len(seen) == 2:
+                break
+            time.sleep(2.0)
+    assert len(seen) == 2, list(seen)
     for text in seen.values():
         assert 'defectscope_model_ready{model="fabric"} 1' in text
 
