@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(models) - set(ALL))
     if unknown:
         p.error(f"unknown models {unknown}; choose from {ALL}")
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the reference side runs in another working directory
     out.mkdir(parents=True, exist_ok=True)
     syn = H.import_defectscope("defectscope.data.synthetic")
     root = out / f"data-{args.file_size}"

@@ -197,8 +197,8 @@ def read_image_size(path: PathLike) -> Tuple[int, int]:
 def _u8_to_float(img: Image.Image) -> torch.Tensor:
     """An 8-bit ``L`` or ``RGB`` image as float32 ``[H, W]`` / ``[3, H, W]`` divided by 255, in one
     torch pass: the same float32 division as numpy's ``asarray(img, float32) / 255`` (bit for bit,
-    tested), but threaded and without numpy's float copy and transpose (6 of the 21 ms a 900x900
-    RGB PNG took to read)."""
+    tested), but threaded and without numpy's float copy and transpose. A 900x900 RGB PNG reads in
+    18 ms instead of 21, of which PIL's decode is 15.5 (``python benchmarks/decode.py``)."""
     arr = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
     arr = arr if arr.ndim == 2 else arr.permute(2, 0, 1)
     return arr.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
