@@ -535,6 +535,10 @@ class ExportedModel:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+            # no spin-waiting after a run: onnxruntime's workers otherwise keep the cores busy for
+            # a while and slow what runs next in this process (the decode and resize of the next
+            # image: the resize took 6.1 instead of 2.0 ms in benchmarks/runtime.py)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.log_severity_level = 4 if quiet else 3  # quiet: a probe whose failure is an answer
             self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
             self.output_names = [o.name for o in self._session.get_outputs()]
