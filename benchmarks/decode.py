@@ -1,7 +1,10 @@
 """Reading a real-size image file, paired in one process: defectscope's ``read_image`` against
 PIL's decode alone (the floor of any PIL-based reader) and against the former numpy conversion
 (``asarray(img.convert("RGB"), float32) / 255``, transposed: what ``read_image`` did before its
-8-bit conversion moved to torch).
+8-bit conversion moved to torch). Other PNG decoders, where installed (pyspng = libspng, imagecodecs
+= libpng, OpenCV), are timed from the file's bytes to a uint8 array beside PIL's same step, and each
+is asked to decode a copy of a file with one flipped byte in the zlib checksum (adler32) that ends its
+image data (PIL refuses it: a reader that accepts it decodes damaged files silently).
 
     python benchmarks/decode.py [--files GLOB] [--size 900] [--threads 2] [--rounds 3]
 
@@ -55,6 +58,29 @@ def main() -> None:
 
     readers = {"PIL decode only": pil_decode, "read_image, numpy conversion (before)": numpy_reader,
                "read_image": lambda f: imageio.read_image(f, 3)}
+    # bytes -> uint8 [H, W, 3] array: PIL and the other decoders that are installed
+    import io
+
+    arrays = {"PIL bytes->array": lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB"))}
+    try:
+        import pyspng
+
+        arrays["pyspng bytes->array"] = pyspng.load
+    except ImportError:
+        pass
+    try:
+        import imagecodecs
+
+        arrays["imagecodecs bytes->array"] = imagecodecs.png_decode
+    except ImportError:
+        pass
+    try:
+        import cv2
+
+        arrays["OpenCV bytes->array"] = lambda d: cv2.cvtColor(
+            cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    except ImportError:
+        pass
     with tempfile.TemporaryDirectory() as tmp:
         if args.files:
             files = sorted(glob.glob(args.files))
@@ -67,14 +93,30 @@ def main() -> None:
             sys.exit(f"no files match {args.files!r}")
         for f in files:
             assert torch.equal(numpy_reader(f), imageio.read_image(f, 3)), f
+        data = {f: Path(f).read_bytes() for f in files}
+        good = data[files[0]]
+        # ... adler32 (4 bytes), the IDAT chunk's CRC (4), the IEND chunk (12): flip adler32's last byte
+        assert good[-8:-4] == b"IEND", "the file does not end with its IEND chunk"
+        flipped = good[:-17] + bytes([good[-17] ^ 0xFF]) + good[-16:]
+        for name, fn in arrays.items():
+            assert np.array_equal(fn(good), arrays["PIL bytes->array"](good)), name
+            try:
+                verdict = "ACCEPTS it (no error)" if fn(flipped) is not None else "refuses it (None)"
+            except Exception as exc:
+                verdict = f"refuses it ({type(exc).__name__})"
+            print(f"{name.split()[0]}: a file with a flipped byte in its zlib checksum: {verdict}")
         print(f"{len(files)} files ({Image.open(files[0]).size[0]} px, {Image.open(files[0]).mode}), "
               f"{args.threads} threads; median ms per file, the two conversions equal bit for bit")
         for r in range(args.rounds):
-            times = {name: [] for name in readers}
+            times = {name: [] for name in (*readers, *arrays)}
             for f in files:
                 for name, fn in readers.items():
                     t0 = time.perf_counter()
                     fn(f)
+                    times[name].append(time.perf_counter() - t0)
+                for name, fn in arrays.items():
+                    t0 = time.perf_counter()
+                    fn(data[f])
                     times[name].append(time.perf_counter() - t0)
             print(f"round {r + 1}: " + "; ".join(f"{n} {statistics.median(t) * 1000:.1f}" for n, t in times.items()))
 
