@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import statistics
 import sys
 import tempfile
@@ -59,8 +60,6 @@ def main() -> None:
     readers = {"PIL decode only": pil_decode, "read_image, numpy conversion (before)": numpy_reader,
                "read_image": lambda f: imageio.read_image(f, 3)}
     # bytes -> uint8 [H, W, 3] array: PIL and the other decoders that are installed
-    import io
-
     arrays = {"PIL bytes->array": lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB"))}
     try:
         import pyspng
