@@ -104,8 +104,9 @@ def main() -> None:
             except Exception as exc:
                 verdict = f"refuses it ({type(exc).__name__})"
             print(f"{name.split()[0]}: a file with a flipped byte in its zlib checksum: {verdict}")
-        print(f"{len(files)} files ({Image.open(files[0]).size[0]} px, {Image.open(files[0]).mode}), "
-              f"{args.threads} threads; median ms per file, the two conversions equal bit for bit")
+        with Image.open(files[0]) as first:
+            print(f"{len(files)} files ({first.size[0]} px, {first.mode}), {args.threads} threads; "
+                  "median ms per file, the two conversions equal bit for bit")
         for r in range(args.rounds):
             times = {name: [] for name in (*readers, *arrays)}
             for f in files:

@@ -204,11 +204,11 @@ def _u8_to_float(img: Image.Image) -> torch.Tensor:
     return arr.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
-def _gray_array(img: Image.Image, path: object) -> np.ndarray | torch.Tensor | None:
+def _gray_array(img: Image.Image, path: object) -> np.ndarray:
     """Grayscale [H, W] float32 in [0, 1] for the single-channel modes (and None otherwise)."""
     mode = img.mode
     if mode in _EIGHT_BIT_GRAY:
-        return _u8_to_float(img if mode == "L" else img.convert("L"))
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     if mode in _SIXTEEN_BIT:
         arr = np.asarray(img)
         if arr.dtype.kind == "i":  # signed 16-bit variants: negative values are not light
@@ -246,10 +246,13 @@ def pil_to_tensor(img: Image.Image, channels: int = 3, path: object = "<image>")
     """Convert a PIL image to a float32 tensor ``[channels, H, W]`` in ``[0, 1]`` (see module doc)."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-    gray = _gray_array(img, path)
+    if img.mode in _EIGHT_BIT_GRAY:
+        gray = _u8_to_float(img if img.mode == "L" else img.convert("L"))[None]
+    else:
+        gray = _gray_array(img, path)
+        gray = None if gray is None else torch.from_numpy(np.ascontiguousarray(gray))[None]
     if gray is not None:
-        t = (gray if isinstance(gray, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(gray)))[None]
-        return t.expand(3, -1, -1).contiguous() if channels == 3 else t
+        return gray.expand(3, -1, -1).contiguous() if channels == 3 else gray
     try:
         rgb = img if img.mode == "RGB" else img.convert("RGB")  # no copy for what is RGB already
         out = rgb.convert("L") if channels == 1 else rgb
@@ -322,7 +325,7 @@ def pil_to_mask(img: Image.Image, path: object = "<mask>") -> torch.Tensor:
             except Exception as exc:
                 raise _fail(Path(str(path)), f"unsupported mask mode {mode!r}",
                             "save the mask as an 8-bit grayscale PNG") from exc
-        arr = gray.numpy() if isinstance(gray, torch.Tensor) else gray
+        arr = gray
     return torch.from_numpy(np.ascontiguousarray(arr > 0, dtype=np.float32))
 
 
